@@ -1,0 +1,237 @@
+"""Reading and writing checkpoints: safetensors only, never pickles.
+
+Generic part (used by every generation):
+  * `CheckpointError`       - raised with the full list of what is wrong, never a silent skip
+  * `open_safetensors_dir`  - lazy mapping over a single-file or sharded safetensors directory
+  * `assign_weights`        - fill a meta-device model from such a mapping (`load_state_dict(assign=True)` style)
+  * `write_safetensors`     - one file, or shards + `model.safetensors.index.json`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that qvl will not load, with the reason spelled out."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+class LazyTensors(Mapping):
+    """key -> tensor over one or more safetensors files; a tensor is read only when indexed."""
+
+    def __init__(self, files: dict[str, Path]):
+        from safetensors import safe_open
+
+        self._where: dict[str, str] = {}  # key -> file name
+        self._handles = {}
+        for name, path in files.items():
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            self._handles[name] = handle
+            for key in handle.keys():
+                self._where[key] = name
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._handles[self._where[key]].get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape without reading the data."""
+        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+
+
+def open_safetensors_dir(path) -> LazyTensors:
+    """Open `model.safetensors`, a sharded `model.safetensors.index.json` set, or a single file."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: not a .safetensors file; qvl never loads pickled weights")
+        return LazyTensors({path.name: path})
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (path / n).exists()]
+        if missing:
+            raise CheckpointError(f"{path}: shards listed in {INDEX_FILE} are missing: {missing}")
+        return LazyTensors({n: path / n for n in names})
+    if (path / SINGLE_FILE).exists():
+        return LazyTensors({SINGLE_FILE: path / SINGLE_FILE})
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    if len(found) == 1:
+        return LazyTensors({found[0]: path / found[0]})
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{path}: only pickle weight files found ({', '.join(pickles)}); qvl never loads pickles "
+            "(they can run arbitrary code). Convert the checkpoint to safetensors first.")
+    if found:
+        raise CheckpointError(f"{path}: several .safetensors files but no {INDEX_FILE}: {found}")
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+# ---------------------------------------------------------------------------------------------
+# Assigning into a model built on the meta device
+# ---------------------------------------------------------------------------------------------
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names grouped by identity: [[name, alias, ...], ...] (tied weights share one group)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if _is_persistent(model, name):
+            groups.setdefault(id(b), []).append(name)
+    return list(groups.values())
+
+
+def _is_persistent(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    return leaf not in module._non_persistent_buffers_set
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if leaf in module._parameters:
+        requires_grad = module._parameters[leaf].requires_grad
+        module._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad)
+    else:
+        module._buffers[leaf] = value
+
+
+def assign_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor],
+                   rename: Callable[[str], str] | None = None,
+                   transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                   device=None, dtype: torch.dtype | None = None) -> None:
+    """Replace every parameter / persistent buffer of `model` with the checkpoint tensor.
+
+    rename(file_key) -> model_key maps checkpoint names to module names; transform(model_key, tensor)
+    may reshape a tensor (e.g. Conv3d -> Linear); `shape(key)` on the mapping, when present, lets
+    shapes be checked before any data is read. Floating tensors are cast to `dtype`, all are moved to
+    `device`. Tied parameters (same Parameter under several names) need only one of their names in the
+    file; extra copies are accepted and ignored. Raises CheckpointError listing *all* missing keys,
+    unexpected keys and shape mismatches, before anything is assigned.
+    """
+    rename = rename or (lambda k: k)
+    groups = _tied_groups(model)
+    group_of = {name: i for i, names in enumerate(groups) for name in names}
+    expected = dict(model.state_dict(keep_vars=True))
+    param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+
+    source: dict[int, str] = {}  # group -> file key to read
+    unexpected, mismatched = [], []
+    for file_key in tensors:
+        key = rename(file_key)
+        if key not in group_of:
+            unexpected.append(file_key if key == file_key else f"{file_key} (as {key})")
+            continue
+        source.setdefault(group_of[key], file_key)
+    missing = [names[0] for i, names in enumerate(groups) if i not in source]
+    for i, file_key in source.items():
+        key = groups[i][0]
+        want = tuple(expected[key].shape)
+        if hasattr(tensors, "shape"):  # check shapes without reading: run the transform on meta
+            t = torch.empty(tensors.shape(file_key), device="meta")
+        else:
+            t = tensors[file_key]
+        got = tuple((transform(key, t) if transform else t).shape)
+        if got != want:
+            mismatched.append(f"{file_key}: checkpoint {list(got)} vs model {list(want)}")
+    if missing or unexpected or mismatched:
+        lines = []
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+        if mismatched:
+            lines.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
+        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(lines))
+
+    for i, file_key in source.items():
+        names = groups[i]
+        t = tensors[file_key]
+        if transform is not None:
+            t = transform(names[0], t)
+        t = t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
+        _set_tensor(model, names[0], t)
+        first = model.get_parameter(names[0]) if names[0] in param_names else model.get_buffer(names[0])
+        for name in names[1:]:  # re-tie: every alias gets the very same Parameter object
+            _set_tensor(model, name, first)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    left += [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise CheckpointError(f"tensors still on the meta device after loading: {left}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def write_safetensors(state_dict: Mapping[str, torch.Tensor], directory,
+                      max_shard_bytes: int = 5 * 1024**3) -> list[str]:
+    """Write `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards + index when the
+    total exceeds `max_shard_bytes`. Tensors sharing storage (tied weights) are cloned, since
+    safetensors refuses aliases. Returns the file names written."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in state_dict.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel() > 0:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += n
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE_FILE), metadata=meta)
+        if (directory / INDEX_FILE).exists():
+            os.remove(directory / INDEX_FILE)
+        return [SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(directory / name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names

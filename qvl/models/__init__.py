@@ -1,0 +1,1 @@
+"""Model definitions, one file per generation (layers.py holds the shared building blocks)."""
