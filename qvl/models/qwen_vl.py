@@ -306,3 +306,203 @@ class VisionTransformer(nn.Module):
             x = block(x)
         x = self.attn_pool(x)                                            # (N, n_queries, E)
         return self.ln_post(x) @ self.proj                               # no bias; output is in LLM space
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoder: Qwen-7B (§5)
+
+
+def ntk_alpha(seq_len: int, threshold: int) -> float:
+    """Dynamic-NTK factor (§5.3): alpha = max(2^ceil(log2(L / threshold) + 1) - 1, 1); 1 for L <= threshold."""
+    ctx = math.log2(seq_len / threshold) + 1
+    return max(2 ** math.ceil(ctx) - 1, 1)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim) in float32; angle table [freqs, freqs] (§5.3)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq                      # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]                     # (B, 1, T, hd)
+    return emb.cos(), emb.sin()
+
+
+class QwenVLCache(KVCache):
+    """The shared static KV cache plus the dynamic-NTK alpha chosen at prefill (§5.3: alpha is evaluated
+    only when there is no past, from the prompt length, and reused by every later step on that cache, so
+    cached keys and new queries keep being rotated with the same base)."""
+
+    ntk_alpha: float = 1.0
+
+
+class QWenAttention(nn.Module):
+    """Causal self-attention: fused `c_attn` with bias, contiguous [Q | K | V] (unlike the ViT, §5.2),
+    rotate-half RoPE in fp32, optional log-n query scaling, `c_proj` without bias."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.kv_channels
+        proj = self.heads * self.head_dim
+        self.c_attn = nn.Linear(cfg.hidden_size, 3 * proj, bias=True)   # always biased (§5.2)
+        self.c_proj = nn.Linear(proj, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, logn, mask, cache, layer, start, capture=None):
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.heads * self.head_dim, dim=-1)
+        q, k, v = (t.view(B, T, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
+        q = apply_rotary(q.float(), cos, sin).to(x.dtype)                # rotation in fp32, cast back (§5.3)
+        k = apply_rotary(k.float(), cos, sin).to(x.dtype)                # cached keys are already rotated
+        if logn is not None:
+            q = q * logn.to(q.dtype)                                     # queries only, after RoPE (§5.3)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)                      # (B, h, start+T, hd)
+        y = attention(q, k, v, mask, is_causal=True)                     # scale 1/sqrt(hd)
+        if capture is not None and layer in capture.layers:
+            capture.record(layer, q, k, mask, start)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class QWenMLP(nn.Module):
+    """SwiGLU with Qwen's names: c_proj(w1(x) * silu(w2(x))), so w2 is the gate and w1 the up branch (§5.3)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_size, cfg.ffn_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+class QWenBlock(nn.Module):
+    """Pre-norm block (§5.3). The shared RMSNorm matches Qwen-7B's: normalise in fp32, cast back, then
+    multiply by the weight."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.ln_1 = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        self.attn = QWenAttention(cfg)
+        self.ln_2 = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        self.mlp = QWenMLP(cfg)
+
+    def forward(self, x, cos, sin, logn, mask, cache, layer, start, capture=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, logn, mask, cache, layer, start, capture)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole model
+
+
+class QwenVL(nn.Module):
+    """Qwen-VL / Qwen-VL-Chat. `embed` splices image features into the token embeddings (§4); `forward`
+    runs the decoder on embeddings with explicit 1-D positions and an optional static KV cache."""
+
+    generation = "1"
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        self.config = config
+        t = config.text
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(t.vocab_size, t.hidden_size),
+            visual=VisionTransformer(config.vision),
+            h=nn.ModuleList(QWenBlock(t) for _ in range(t.num_hidden_layers)),
+            ln_f=RMSNorm(t.hidden_size, eps=t.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)   # not tied to wte (§5.2)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initializers for training from scratch (§2.7); a no-op cost on the meta device."""
+        t = self.config.text
+        if isinstance(module, (QWenAttention, QWenMLP)):     # LLM: normal(0.02), c_proj scaled by depth
+            for name, lin in module.named_children():
+                std = t.initializer_range / math.sqrt(2 * t.num_hidden_layers) if name == "c_proj" else t.initializer_range
+                nn.init.normal_(lin.weight, std=std)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+        elif isinstance(module, QwenVL):
+            nn.init.normal_(module.transformer.wte.weight, std=t.initializer_range)
+            nn.init.normal_(module.lm_head.weight, std=t.initializer_range)
+        elif isinstance(module, Resampler):                  # adapter: trunc_normal(0.02), zero biases
+            nn.init.trunc_normal_(module.query, std=0.02)
+            nn.init.trunc_normal_(module.kv_proj.weight, std=0.02)
+            nn.init.xavier_uniform_(module.attn.in_proj_weight)   # nn.MultiheadAttention's own init
+            nn.init.zeros_(module.attn.in_proj_bias)
+            nn.init.trunc_normal_(module.attn.out_proj.weight, std=0.02)
+            nn.init.zeros_(module.attn.out_proj.bias)
+
+    # -- inputs --------------------------------------------------------------------------------------------
+    def image_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool (B, T): True on the n_queries slots strictly between each <img> ... </img> pair (§4).
+        Raises if a tag is unpaired or a span does not hold exactly n_queries slots."""
+        start_id, n = self.config.vision.image_start_id, self.config.vision.n_queries
+        starts = (input_ids == start_id).nonzero()                        # (n_img, 2) [row, col], row-major
+        ends = (input_ids == start_id + 1).nonzero()
+        if starts.shape != ends.shape or not (ends[:, 0] == starts[:, 0]).all() or \
+                not (ends[:, 1] - starts[:, 1] == n + 1).all():
+            raise ValueError(f"every <img> ({start_id}) must be followed by exactly {n} slots and </img> "
+                             f"({start_id + 1}) in the same row; got <img> at {starts.tolist()}, "
+                             f"</img> at {ends.tolist()}")
+        slots = torch.zeros_like(input_ids, dtype=torch.bool)
+        cols = starts[:, 1:2] + 1 + torch.arange(n, device=input_ids.device)   # (n_img, n)
+        slots[starts[:, :1].expand_as(cols), cols] = True
+        return slots
+
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T), images (N, 3, S, S) CLIP-normalised or None -> embeddings (B, T, hidden).
+
+        Image k (row-major order of the <img> tags) overwrites the slots of the k-th span; the tags keep
+        their learned embeddings (§4). With images=None the ids are embedded as they are (decode steps);
+        a complete image span without images is an error, not silent garbage.
+        """
+        h = self.transformer.wte(input_ids)                               # (B, T, H)
+        has_tag = bool((input_ids == self.config.vision.image_start_id).any())
+        if images is None and not has_tag:
+            return h
+        slots = self.image_slots(input_ids)
+        n_spans = int(slots.sum()) // self.config.vision.n_queries
+        n_images = 0 if images is None else images.shape[0]
+        if n_spans != n_images:
+            raise ValueError(f"{n_spans} <img>…</img> spans in input_ids but {n_images} images were given")
+        feats = self.transformer.visual(images.to(h.dtype))             # (N, n_queries, H)
+        return h.masked_scatter(slots[..., None], feats.to(h.dtype))
+
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> QwenVLCache:
+        w = self.lm_head.weight
+        t = self.config.text
+        return QwenVLCache(t.num_hidden_layers, batch_size, t.num_attention_heads, max_len, t.kv_channels,
+                           device=device or w.device, dtype=dtype or w.dtype)
+
+    # -- decoder -------------------------------------------------------------------------------------------
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                start: int = 0, pad_mask: torch.Tensor | None = None, capture=None) -> torch.Tensor:
+        """embeds (B, T, H), positions (B, T) 1-D rotary positions, cache slots [start, start+T) are
+        written; pad_mask (B, >= start+T) True on real tokens. -> logits (B, T, vocab)."""
+        t = self.config.text
+        B, T, _ = embeds.shape
+        inference = not self.training
+        # Dynamic NTK (§5.3): the rotary base grows with the sequence length, but the released code picks
+        # alpha only at prefill (no past: the whole sequence is the input, start + T == T) and reuses it on
+        # later steps; the cache remembers it. Full forwards without a cache are prefills.
+        alpha = 1.0
+        if inference and t.use_dynamic_ntk:
+            if cache is None or start == 0:
+                alpha = ntk_alpha(start + T, t.seq_length)
+                if cache is not None:
+                    cache.ntk_alpha = alpha
+            else:
+                alpha = getattr(cache, "ntk_alpha", 1.0)
+        hd = t.kv_channels
+        cos, sin = rope_cos_sin(positions, hd, t.rotary_emb_base * alpha ** (hd / (hd - 2)))   # (B, 1, T, hd)
+        # log-n (§5.3): a query at position p >= seq_length is scaled by log(p+1) / log(seq_length).
+        logn = None
+        if inference and t.use_logn_attn:
+            p1 = positions.float()[:, None, :, None] + 1                 # (B, 1, T, 1)
+            logn = torch.where(p1 > t.seq_length, p1.log() / math.log(t.seq_length), torch.ones_like(p1))
+        mask = causal_mask(start, T, pad_mask, device=embeds.device)
+        x = embeds
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cos, sin, logn, mask, cache, i, start, capture)
+        return self.lm_head(self.transformer.ln_f(x))
