@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -235,3 +236,151 @@ def write_safetensors(state_dict: Mapping[str, torch.Tensor], directory,
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL: the one remap table, load_model, save_pretrained
+# ---------------------------------------------------------------------------------------------
+
+# Checkpoint key -> qvl module name, first matching rule wins. qvl keeps the Hub names
+# (`visual.*`, `model.*`, `lm_head.*`), so the Hub layout maps to itself; checkpoints re-saved by
+# transformers >= 4.52 nest everything under `model.` (reference §2.1).
+KEY_RENAMES: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"^model\.visual\."), "visual."),
+    (re.compile(r"^model\.language_model\."), "model."),
+]
+# Tensors stored differently in qvl: the Conv3d patch embedding [D, 3, 2, 14, 14] is a Linear [D, 1176]
+# in qvl (kernel == stride, so the two are the same product; see models/qwen2_vl.py PatchEmbed).
+PATCH_EMBED = "visual.patch_embed.proj.weight"
+
+# What save_pretrained writes next to the weights (reference §1.3, §5.3)
+EOS_TOKEN_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
+PAD_TOKEN_ID = 151643
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja")
+
+
+def hub_to_qvl(key: str) -> str:
+    for pattern, replacement in KEY_RENAMES:
+        key, n = pattern.subn(replacement, key)
+        if n:
+            break
+    return key
+
+
+def _to_qvl_tensor(key: str, t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if key == PATCH_EMBED else t
+
+
+def read_config(path) -> "Qwen2VLConfig":
+    """The model config of a checkpoint directory (its config.json)."""
+    from .config import Qwen2VLConfig
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.exists():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        return Qwen2VLConfig.from_hf(json.loads(file.read_text()))
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def model_class(config):
+    """The qvl model class for a config (Qwen2VL or Qwen2_5_VL)."""
+    from .models.qwen2_5_vl import Qwen2_5_VL
+    from .models.qwen2_vl import Qwen2VL
+
+    return {"2": Qwen2VL, "2.5": Qwen2_5_VL}[config.generation]
+
+
+def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """bf16 on CUDA, fp32 on CPU unless asked otherwise."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def load_model(path, device=None, dtype=None):
+    """Qwen2-VL / Qwen2.5-VL from a Hub-layout directory (config.json + safetensors, single or sharded).
+
+    The model is built on the meta device and each tensor is read from disk once, cast and moved
+    straight to `device`; both key layouts are accepted; anything missing, unexpected or mis-shaped
+    raises CheckpointError listing all of it.
+    """
+    config = read_config(path)
+    device, dtype = default_device_dtype(device, dtype)
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    assign_weights(model, open_safetensors_dir(path), rename=hub_to_qvl, transform=_to_qvl_tensor,
+                   device=device, dtype=dtype)
+    return model.eval()
+
+
+def hub_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under Hub names and shapes (Conv3d patch weight restored; tied lm_head omitted,
+    as transformers does)."""
+    v = model.config.vision
+    out = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and model.config.text.tie_word_embeddings:
+            continue
+        if key == PATCH_EMBED:
+            t = t.reshape(t.shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+        out[key] = t
+    return out
+
+
+def _special_ids(tokenizer_json: Path) -> dict[str, int]:
+    added = json.loads(tokenizer_json.read_text()).get("added_tokens", [])
+    return {t["content"]: t["id"] for t in added}
+
+
+def save_pretrained(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 1024**3,
+                    min_pixels: int = 3136, max_pixels: int = 12845056,
+                    eos_token_id: list[int] | None = None, pad_token_id: int | None = None) -> None:
+    """Write a directory transformers 4.57 and qvl both load: config.json (flat Hub layout),
+    safetensors under Hub names, generation_config.json, preprocessor_config.json, and the
+    tokenizer files when `tokenizer` is given (a directory to copy from, or an object with
+    `save_pretrained(dir)` / a `tokenizers.Tokenizer`). eos/pad default to the Qwen2 ids, or to the
+    ids of <|im_end|> / <|endoftext|> in the given tokenizer."""
+    import shutil
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": dtype}, indent=2) + "\n")
+    write_safetensors(hub_state_dict(model), directory, max_shard_bytes)
+
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            src = Path(tokenizer)
+            for name in TOKENIZER_FILES:
+                if (src / name).exists() and src.resolve() != directory.resolve():
+                    shutil.copy(src / name, directory / name)
+        elif hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(directory))
+        elif hasattr(tokenizer, "save"):  # a tokenizers.Tokenizer
+            tokenizer.save(str(directory / "tokenizer.json"))
+        else:
+            raise TypeError(f"cannot save tokenizer of type {type(tokenizer).__name__}")
+        if (directory / "tokenizer.json").exists():
+            ids = _special_ids(directory / "tokenizer.json")
+            if eos_token_id is None and "<|im_end|>" in ids:
+                eos_token_id = [ids["<|im_end|>"]] + ([ids["<|endoftext|>"]] if "<|endoftext|>" in ids else [])
+            if pad_token_id is None and "<|endoftext|>" in ids:
+                pad_token_id = ids["<|endoftext|>"]
+    generation = {"bos_token_id": config.bos_token_id,
+                  "eos_token_id": eos_token_id if eos_token_id is not None else EOS_TOKEN_IDS,
+                  "pad_token_id": pad_token_id if pad_token_id is not None else PAD_TOKEN_ID}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    v = config.vision
+    processor = "Qwen2VLProcessor" if config.generation == "2" else "Qwen2_5_VLProcessor"
+    preprocessor = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor,
+                    "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": v.patch_size,
+                    "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
+                    "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True, "do_normalize": True,
+                    "do_rescale": True, "do_resize": True, "rescale_factor": 1 / 255, "resample": 3}
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
