@@ -16,14 +16,19 @@ so loading needs no key remapping.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qvl.checkpoint import CheckpointError, assign_weights, open_safetensors_dir, write_safetensors
 from qvl.models.layers import KVCache, RMSNorm, apply_rotary, attention, causal_mask
+from qvl.models.qwen2_vl import Capture  # the same opt-in recorder as Qwen2-VL
+from qvl.tokenizer_qwen_vl import SPECIAL_TOKENS
 
 # ----------------------------------------------------------------------------------------------------------
 # Config (§2.1, §5.1). Field names are the official config.json names, so from/to JSON is a dict filter.
@@ -197,11 +202,14 @@ class VisualAttention(nn.Module):
         self.in_proj = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                # x (N, L, W)
+    def forward(self, x: torch.Tensor, probe: dict | None = None) -> torch.Tensor:   # x (N, L, W)
         N, L, W = x.shape
         qkv = self.in_proj(x).view(N, L, self.heads, 3, self.head_dim)   # per-head [q|k|v]
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)                   # each (N, heads, L, hd)
         y = F.scaled_dot_product_attention(q, k, v)                      # no mask in the ViT; scale 1/sqrt(hd)
+        if probe is not None:                                            # explicit fp32 softmax, one image only
+            qi, ki = q[probe["segment"]].float(), k[probe["segment"]].float()
+            probe["attn"] = (qi @ ki.transpose(-1, -2) * self.head_dim ** -0.5).softmax(-1).detach()  # (h, L, L)
         return self.out_proj(y.transpose(1, 2).reshape(N, L, W))
 
 
@@ -225,8 +233,8 @@ class VisualBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.width, eps=1e-6)
         self.mlp = VisualMLP(cfg.width, cfg.mlp_hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, probe: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), probe)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -297,13 +305,17 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(cfg.output_dim, eps=1e-6)
         self.proj = nn.Parameter(torch.randn(cfg.output_dim, cfg.output_dim) * cfg.output_dim ** -0.5)  # [in, out]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, capture=None) -> torch.Tensor:
         x = self.conv1(images.to(self.conv1.weight.dtype))               # (N, W, g, g)
         x = x.flatten(2).transpose(1, 2)                                 # (N, g*g, W), token = row*g + col
         x = x + resize_pos_table(self.positional_embedding, x.shape[1])
         x = self.ln_pre(x)
-        for block in self.transformer.resblocks:
-            x = block(x)
+        probe = None
+        if capture is not None and capture.vision_block is not None:    # Capture.vision_segment = image index
+            probe = {"block": capture.vision_block, "segment": capture.vision_segment}
+            capture.vision.append(probe)
+        for i, block in enumerate(self.transformer.resblocks):
+            x = block(x, probe if i == capture.vision_block else None) if probe else block(x)
         x = self.attn_pool(x)                                            # (N, n_queries, E)
         return self.ln_post(x) @ self.proj                               # no bias; output is in LLM space
 
@@ -356,8 +368,8 @@ class QWenAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, start, k, v)                      # (B, h, start+T, hd)
         y = attention(q, k, v, mask, is_causal=True)                     # scale 1/sqrt(hd)
-        if capture is not None and layer in capture.layers:
-            capture.record(layer, q, k, mask, start)
+        if capture is not None:                                          # only for layers in capture.layers
+            capture.record_attention(layer, q, k, start, mask)           # q as attended: rotated, log-n scaled
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -450,7 +462,8 @@ class QwenVL(nn.Module):
         slots[starts[:, :1].expand_as(cols), cols] = True
         return slots
 
-    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
+              capture: Capture | None = None) -> torch.Tensor:
         """input_ids (B, T), images (N, 3, S, S) CLIP-normalised or None -> embeddings (B, T, hidden).
 
         Image k (row-major order of the <img> tags) overwrites the slots of the k-th span; the tags keep
@@ -466,7 +479,7 @@ class QwenVL(nn.Module):
         n_images = 0 if images is None else images.shape[0]
         if n_spans != n_images:
             raise ValueError(f"{n_spans} <img>…</img> spans in input_ids but {n_images} images were given")
-        feats = self.transformer.visual(images.to(h.dtype))             # (N, n_queries, H)
+        feats = self.transformer.visual(images.to(h.dtype), capture)    # (N, n_queries, H)
         return h.masked_scatter(slots[..., None], feats.to(h.dtype))
 
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> QwenVLCache:
@@ -477,9 +490,16 @@ class QwenVL(nn.Module):
 
     # -- decoder -------------------------------------------------------------------------------------------
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                start: int = 0, pad_mask: torch.Tensor | None = None, capture=None) -> torch.Tensor:
-        """embeds (B, T, H), positions (B, T) 1-D rotary positions, cache slots [start, start+T) are
-        written; pad_mask (B, >= start+T) True on real tokens. -> logits (B, T, vocab)."""
+                start: int = 0, pad_mask: torch.Tensor | None = None, capture: Capture | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """embeds (B, T, H), positions (B, T) 1-D rotary positions -> logits (B, T, vocab) (B, 1, V if last_only).
+
+        cache/start: write keys and values for slots [start, start+T) and attend to slots [0, start+T).
+        pad_mask (B, >= start+T) True on real tokens masks left padding. Without a cache, start must be 0.
+        """
+        if cache is None and start != 0:
+            raise ValueError("start > 0 needs a KVCache holding the earlier tokens")
+        positions = positions.to(embeds.device)
         t = self.config.text
         B, T, _ = embeds.shape
         inference = not self.training
@@ -504,5 +524,59 @@ class QwenVL(nn.Module):
         mask = causal_mask(start, T, pad_mask, device=embeds.device)
         x = embeds
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin, logn, mask, cache, i, start, capture)
+            x = block(x, cos, sin, logn, mask, cache, i, start, capture if capture and i in capture.layers else None)
+            if capture is not None and i in capture.hidden_layers:
+                capture.hidden[i].append(x.detach())
+        if last_only:  # generation needs only the next-token distribution: skip the [T, V] projection
+            x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints in the official layout (§2.7, §5.2): module names already equal the file keys.
+
+
+def _chat_generation_config(config: QwenVLConfig) -> dict:
+    """generation_config.json for the ChatML models (§6.3), with ids taken relative to `<img>` so a tiny
+    tokenizer (fewer BPE ranks) gets its own <|endoftext|>, <|im_start|>, <|im_end|> (§3.2 order)."""
+    eod = config.vision.image_start_id - SPECIAL_TOKENS.index("<img>")
+    gen = dict(GENERATION_CONFIGS["Qwen/Qwen-VL-Chat"])
+    gen.update(eos_token_id=eod, pad_token_id=eod, stop_words_ids=[[eod + 2], [eod + 1]])
+    return gen
+
+
+def load_qwen_vl(path, device=None, dtype: torch.dtype | None = None) -> QwenVL:
+    """Load a Qwen-VL / Qwen-VL-Chat directory (config.json with `visual`, safetensors) -> QwenVL in eval mode.
+
+    Built on the meta device and filled by `assign_weights`, which raises CheckpointError listing every
+    missing, unexpected or shape-mismatched key. `dtype=None` keeps the file's dtype.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path}: no config.json")
+    hf = json.loads(config_file.read_text())
+    if hf.get("model_type") != "qwen" or "visual" not in hf:
+        raise CheckpointError(f"{path}: not a Qwen-VL (gen 1) checkpoint: model_type={hf.get('model_type')!r}, "
+                              f"'visual' section {'present' if 'visual' in hf else 'absent'}")
+    tensors = open_safetensors_dir(path)
+    with torch.device("meta"):
+        model = QwenVL(QwenVLConfig.from_hf(hf))
+    assign_weights(model, tensors, device=device, dtype=dtype)
+    return model.eval()
+
+
+def save_qwen_vl(model: QwenVL, directory, tokenizer=None, generation_config: dict | None = None,
+                 max_shard_bytes: int = 5 * 1024**3) -> None:
+    """Write `model` as an official-layout directory: config.json (+ `visual`), safetensors,
+    generation_config.json (ChatML stop words by default) and, given a tokenizer, qwen.tiktoken."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf = model.config.to_hf()
+    hf["torch_dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    gen = generation_config if generation_config is not None else _chat_generation_config(model.config)
+    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_safetensors(model.state_dict(), directory, max_shard_bytes=max_shard_bytes)
+    if tokenizer is not None:
+        tokenizer.save(directory)
