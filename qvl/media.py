@@ -64,9 +64,10 @@ FPS_MAX_FRAMES = 768
 GEN1_IMAGE_SIZE = 448
 GEN1_IMAGE_TOKENS = 256  # resampler queries; the LLM also sees <img> and </img>
 
-# Refuse images over this many pixels before decoding them (decompression bombs).  Equal to
-# Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS), ~179 MP: a 16384-token image needs 12.8 MP.
-MAX_IMAGE_PIXELS = 178_956_970
+# Refuse images over this many pixels before decoding them (decompression bombs).  Just under
+# Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS ~ 179 MP, which we also map to MediaError);
+# for scale: the largest image Qwen2/2.5-VL sees (16384 tokens) is 12.8 MP after resizing.
+MAX_IMAGE_PIXELS = 178_000_000
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
 _DECODE_CHUNK = 16  # frames decoded at a time, so a long 4K clip never sits in memory at full size
