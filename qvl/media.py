@@ -354,6 +354,11 @@ def _image_size_cheap(src: Any, pixel_limit: int = MAX_IMAGE_PIXELS) -> tuple[in
 # --------------------------------------------------------------------------------------
 _MEAN_T = torch.tensor(IMAGE_MEAN, dtype=torch.float32)
 _STD_T = torch.tensor(IMAGE_STD, dtype=torch.float32)
+_MEAN_NP = np.array(IMAGE_MEAN, dtype=np.float32)
+_STD_NP = np.array(IMAGE_STD, dtype=np.float32)
+# Below this many values numpy (one thread, no wake-up cost) beats torch's thread pool; above it
+# torch's multi-threaded elementwise ops win.  Both give bit-identical results.
+_TORCH_MIN_ELEMENTS = 1 << 22
 
 
 def _resize(img: Image.Image, size_hw: tuple[int, int]) -> Image.Image:
@@ -363,16 +368,23 @@ def _resize(img: Image.Image, size_hw: tuple[int, int]) -> Image.Image:
     return img.resize((w, h), Image.Resampling.BICUBIC)
 
 
-def _normalise_(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """In place: uint8-valued float32 -> ``(x/255 - mean) / std`` along ``channel_dim``.
+def _normalise(u8: np.ndarray, channel_dim: int) -> torch.Tensor:
+    """uint8 array -> float32 tensor ``(x/255 - mean) / std`` along ``channel_dim`` (3 channels).
 
     The three float32 ops give bit-identical results to transformers' PIL path
     (float64 ``x * (1/255)`` cast to float32, then float32 ``(x - mean) / std``): x/255 in float32 is
-    correctly rounded, as is the float64 product after the cast, for all 256 inputs.
+    correctly rounded, as is the float64 product after the cast, for all 256 inputs (see tests).
     """
-    shape = [1] * x.dim()
+    shape = [1] * u8.ndim
     shape[channel_dim] = 3
-    return x.div_(255.0).sub_(_MEAN_T.view(shape)).div_(_STD_T.view(shape))
+    if u8.size < _TORCH_MIN_ELEMENTS:
+        x = u8.astype(np.float32)
+        x /= np.float32(255.0)
+        x -= _MEAN_NP.reshape(shape)
+        x /= _STD_NP.reshape(shape)
+        return torch.from_numpy(x)
+    x = torch.from_numpy(u8).div(255.0)  # uint8 / float -> float32 in one pass
+    return x.sub_(_MEAN_T.view(shape)).div_(_STD_T.view(shape))
 
 
 def patchify(frames: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
@@ -394,8 +406,7 @@ def patchify(frames: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int =
     # -> (gt, gh/m, gw/m, m, m, c, tp, p, p): merge-block row order, (c, t, py, px) columns
     v = v.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
     u8 = np.ascontiguousarray(v).reshape(gt * gh * gw, c, tp, p * p)  # [L, 3, Tp, P*P]
-    x = torch.from_numpy(u8).to(torch.float32)
-    _normalise_(x, channel_dim=1)
+    x = _normalise(u8, channel_dim=1)
     return x.view(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
 
 
@@ -435,8 +446,8 @@ def process_image_gen1(src: Any, image_size: int = GEN1_IMAGE_SIZE) -> torch.Ten
     """Qwen-VL (gen 1): RGB, resize to exactly ``image_size`` square (BICUBIC, aspect not kept, no crop),
     ``/255`` and CLIP normalisation -> float32 ``[3, S, S]`` (gen-1 ref §2.2)."""
     img = _resize(load_image(src), (image_size, image_size))
-    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).to(torch.float32)  # [3, S, S]
-    return _normalise_(x, channel_dim=0).contiguous()
+    chw = np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))  # [3, S, S] uint8
+    return _normalise(chw, channel_dim=0)
 
 
 # --------------------------------------------------------------------------------------

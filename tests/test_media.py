@@ -379,7 +379,7 @@ def test_account_image_matches_transformers_and_reads_header_only(hf_image_proce
         raise AssertionError("account() must not decode or normalise pixels")
 
     monkeypatch.setattr(media, "patchify", boom)
-    monkeypatch.setattr(media, "_normalise_", boom)
+    monkeypatch.setattr(media, "_normalise", boom)
     monkeypatch.setattr(Image.Image, "load", boom)
     acc = media.account(str(path), max_pixels=1280 * 784)
     for gen in ("2", "2.5"):
@@ -389,3 +389,18 @@ def test_account_image_matches_transformers_and_reads_header_only(hf_image_proce
         assert e["resized_size"] == (gh * 14, gw * 14) and e["original_size"] == (320, 1280)
     g1 = acc["1"]
     assert g1["resized_size"] == (448, 448) and g1["visual_tokens"] == 256 and g1["llm_tokens"] == 258
+
+
+@pytest.mark.parametrize("torch_threshold", [0, 1 << 40], ids=["torch", "numpy"])
+def test_normalisation_bit_identical_to_transformers_rule(monkeypatch, torch_threshold):
+    """Both backends of media._normalise equal transformers' PIL-path arithmetic bit for bit:
+    float64 x*(1/255) cast to float32, then float32 (x - mean) / std (ref §5.2 step 4)."""
+    monkeypatch.setattr(media, "_TORCH_MIN_ELEMENTS", torch_threshold)
+    u8 = np.tile(np.arange(256, dtype=np.uint8), (3, 1)).reshape(1, 3, 256)  # [1, C, 256]
+    scaled = (u8.astype(np.float64) * (1 / 255)).astype(np.float32)
+    mean = np.array(media.IMAGE_MEAN, np.float32).reshape(1, 3, 1)
+    std = np.array(media.IMAGE_STD, np.float32).reshape(1, 3, 1)
+    expected = (scaled - mean) / std
+    got = media._normalise(u8, channel_dim=1)
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), expected)
