@@ -133,6 +133,47 @@ def test_vision_tower_runs_at_224_and_448_with_the_same_weights():
         assert v(torch.randn(2, 3, 448, 448)).shape == (2, 16, 32)  # 32x32 grid: table interpolated
 
 
+def test_vision_tower_equals_a_recomputation_from_the_reference(model):
+    """§2.3-§2.6 written out with other primitives: unfold+matmul patches, nn.MultiheadAttention blocks."""
+    torch.manual_seed(8)
+    v, cfg = model.transformer.visual, model.config.vision
+    images = torch.randn(2, 3, 56, 56)
+    sd = {k: t.detach() for k, t in v.state_dict().items()}
+    patches = F.unfold(images, kernel_size=14, stride=14).transpose(1, 2)           # (N, 16, 3*14*14)
+    x = patches @ sd["conv1.weight"].reshape(cfg.width, -1).t()                     # conv without bias
+    table = sd["positional_embedding"].t().reshape(1, cfg.width, 2, 2)
+    x = x + F.interpolate(table, size=(4, 4), mode="bicubic", align_corners=False).reshape(cfg.width, 16).t()
+    ln = lambda t, pre: F.layer_norm(t, t.shape[-1:], sd[pre + ".weight"], sd[pre + ".bias"], 1e-6)  # noqa: E731
+    x = ln(x, "ln_pre")
+    hd = cfg.width // cfg.heads
+    for i in range(cfg.layers):
+        b = f"transformer.resblocks.{i}."
+        W, bias = sd[b + "attn.in_proj.weight"], sd[b + "attn.in_proj.bias"]
+        rows = lambda j: torch.cat([torch.arange(3 * hd * h + j * hd, 3 * hd * h + (j + 1) * hd)  # noqa: E731
+                                    for h in range(cfg.heads)])
+        h_in = ln(x, b + "ln_1")
+        y, _ = F.multi_head_attention_forward(
+            h_in.transpose(0, 1), h_in.transpose(0, 1), h_in.transpose(0, 1), cfg.width, cfg.heads,
+            torch.cat([W[rows(j)] for j in range(3)]), torch.cat([bias[rows(j)] for j in range(3)]),
+            None, None, False, 0.0, sd[b + "attn.out_proj.weight"], sd[b + "attn.out_proj.bias"], need_weights=False)
+        x = x + y.transpose(0, 1)
+        h_in = ln(x, b + "ln_2")
+        g = h_in @ sd[b + "mlp.c_fc.weight"].t() + sd[b + "mlp.c_fc.bias"]
+        x = x + (0.5 * g * (1 + torch.erf(g / math.sqrt(2)))) @ sd[b + "mlp.c_proj.weight"].t() + sd[b + "mlp.c_proj.bias"]
+    E = cfg.output_dim
+    kv = ln(x @ sd["attn_pool.kv_proj.weight"].t(), "attn_pool.ln_kv")
+    q = ln(sd["attn_pool.query"], "attn_pool.ln_q") + sincos_2d(E, 4)
+    y, _ = F.multi_head_attention_forward(
+        q[:, None].expand(-1, 2, -1), (kv + sincos_2d(E, 4)).transpose(0, 1), kv.transpose(0, 1), E, 1,
+        sd["attn_pool.attn.in_proj_weight"], sd["attn_pool.attn.in_proj_bias"], None, None, False, 0.0,
+        sd["attn_pool.attn.out_proj.weight"], sd["attn_pool.attn.out_proj.bias"], need_weights=False)
+    want = ln(y.transpose(0, 1), "ln_post") @ sd["proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(v(images), want, atol=1e-5, rtol=1e-5)
+    norms = [m for m in v.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * cfg.layers + 4 and all(m.eps == 1e-6 for m in norms)  # every visual LN (§2.1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoint layout, written from §2.7 / §5.2 (not from the model)
 
@@ -226,6 +267,47 @@ def test_embed_errors_are_loud(model, tok):
     assert model.embed(torch.tensor([[5, 6, 7]])).shape == (1, 3, 32)
 
 
+def reference_decoder(model, embeds, base=10000.0, logn=False):
+    """§5.3 written out: RMSNorm (fp32, then weight), contiguous [Q|K|V], rotate-half RoPE on positions 0..T-1,
+    optional log-n query scaling past 2048, causal softmax / sqrt(hd), SwiGLU c_proj(w1 x * silu(w2 x))."""
+    t = model.config.text
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    rms = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w  # noqa: E731
+    B, T, _ = embeds.shape
+    nh, hd = t.num_attention_heads, t.kv_channels
+    inv = torch.tensor([1 / base ** (2 * j / hd) for j in range(hd // 2)])
+    scale = torch.tensor([math.log(p + 1) / math.log(2048) if logn and p + 1 > 2048 else 1.0 for p in range(T)])
+    ang = torch.arange(T)[:, None].float() * inv                                     # (T, hd/2)
+    cos, sin = ang.cos(), ang.sin()
+
+    def rope(x):                                                                     # (B, nh, T, hd)
+        x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    causal = torch.ones(T, T).tril().bool()
+    x = embeds
+    for n in range(t.num_hidden_layers):
+        b = f"transformer.h.{n}."
+        h = rms(x, sd[b + "ln_1.weight"]) @ sd[b + "attn.c_attn.weight"].t() + sd[b + "attn.c_attn.bias"]
+        q, k, v = (h[..., j * nh * hd:(j + 1) * nh * hd].reshape(B, T, nh, hd).transpose(1, 2) for j in range(3))
+        q = rope(q) * scale[:, None]
+        scores = (q @ rope(k).transpose(-1, -2) / math.sqrt(hd)).masked_fill(~causal, float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, nh * hd)
+        x = x + y @ sd[b + "attn.c_proj.weight"].t()
+        h = rms(x, sd[b + "ln_2.weight"])
+        up, gate = h @ sd[b + "mlp.w1.weight"].t(), h @ sd[b + "mlp.w2.weight"].t()
+        x = x + (up * gate * torch.sigmoid(gate)) @ sd[b + "mlp.c_proj.weight"].t()
+    return rms(x, sd["transformer.ln_f.weight"]) @ sd["lm_head.weight"].t()
+
+
+def test_decoder_equals_a_recomputation_from_the_reference(model, tok):
+    ids = torch.tensor([prompt_ids(tok)])
+    with torch.no_grad():
+        e = model.embed(ids, torch.randn(1, 3, 56, 56))
+        torch.testing.assert_close(model(e, torch.arange(ids.shape[1])[None]), reference_decoder(model, e),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_kv_cache_decode_equals_full_forward(model, tok):
     ids = torch.tensor([prompt_ids(tok) + [40, 41, 42, 43, 44, 45]])
     T = ids.shape[1]
@@ -269,8 +351,13 @@ def long_models(tok):
     out = {}
     for ntk, logn in [(True, True), (True, False), (False, True), (False, False)]:
         torch.manual_seed(4)
-        out[ntk, logn] = QwenVL(tiny_config(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                            intermediate_size=32, use_dynamic_ntk=ntk, use_logn_attn=logn)).eval()
+        m = QwenVL(tiny_config(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, use_dynamic_ntk=ntk, use_logn_attn=logn)).eval()
+        with torch.no_grad():  # large weights: peaked attention, so a wrong rotary base shows in the logits
+            for name, p in m.transformer.h.named_parameters():
+                p.copy_(1 + 0.1 * torch.randn_like(p) if "ln_" in name else 0.5 * torch.randn_like(p))
+            m.transformer.wte.weight.normal_()
+        out[ntk, logn] = m
     return out
 
 
@@ -301,6 +388,18 @@ def test_ntk_and_logn_change_outputs_past_2048(long_models):
             assert torch.equal(m(m.embed(ids), pos), plain)
         finally:
             m.eval()
+
+
+def test_long_forward_equals_reference_with_ntk_base_and_logn(long_models):
+    """L = 2100: alpha = 3, base' = 10000 * 3^(hd / (hd - 2)), queries past 2048 scaled by log(p+1)/log(2048)."""
+    torch.manual_seed(9)
+    T = 2100
+    m = long_models[True, True]
+    hd = m.config.text.kv_channels
+    with torch.no_grad():
+        e = m.embed(torch.randint(0, 300, (1, T)))
+        want = reference_decoder(m, e, base=10000 * 3 ** (hd / (hd - 2)), logn=True)
+        torch.testing.assert_close(m(e, torch.arange(T)[None]), want, atol=1e-4, rtol=1e-4)
 
 
 def test_decode_past_2048_reuses_the_prefill_alpha(long_models):
