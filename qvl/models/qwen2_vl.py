@@ -236,6 +236,17 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, x.shape[-1] * self.unit))  # (L, D) -> (L/4, 4D) -> (L/4, H)
 
 
+def _vision_probe(capture: Capture | None, order: torch.Tensor, segments: Segments) -> dict | None:
+    """A per-call record for the chosen ViT block; `rows` = original patch indices of the segment."""
+    if capture is None or capture.vision_block is None:
+        return None
+    s = capture.vision_segment
+    a, b = segments.cu_list[s], segments.cu_list[s + 1]
+    probe = {"block": capture.vision_block, "segment": s, "rows": order[a:b], "segment_cu": (a, b)}
+    capture.vision.append(probe)
+    return probe
+
+
 class VisionTransformer(nn.Module):
     """pixel_values [L, 1176] + grid_thw [N, 3] -> merged features [L/4, H] in placeholder-token order."""
 
@@ -255,17 +266,6 @@ class VisionTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, segments, probe if probe and i == capture.vision_block else None)
         return self.merger(x)
-
-
-def _vision_probe(capture: Capture | None, order: torch.Tensor, segments: Segments) -> dict | None:
-    """A per-call record for the chosen ViT block; `rows` = original patch indices of the segment."""
-    if capture is None or capture.vision_block is None:
-        return None
-    s = capture.vision_segment
-    a, b = segments.cu_list[s], segments.cu_list[s + 1]
-    probe = {"block": capture.vision_block, "segment": s, "rows": order[a:b], "segment_cu": (a, b)}
-    capture.vision.append(probe)
-    return probe
 
 
 # ---------------------------------------------------------------------------------------------
