@@ -89,7 +89,8 @@ def test_vit_attention_interleaved_qkv_equals_plain_attention():
     x = torch.randn(2, 10, width)
     # de-interleave by row index: head h owns rows [3*hd*h, 3*hd*(h+1)) = [q_h | k_h | v_h] (§2.4)
     W, b = attn.in_proj.weight.detach(), attn.in_proj.bias.detach()
-    idx = lambda j: torch.cat([torch.arange(3 * hd * h + j * hd, 3 * hd * h + (j + 1) * hd) for h in range(heads)])  # noqa: E731
+    idx = lambda j: torch.cat([torch.arange(3 * hd * h + j * hd, 3 * hd * h + (j + 1) * hd)  # noqa: E731
+                               for h in range(heads)])
     mha = torch.nn.MultiheadAttention(width, heads, batch_first=True)
     with torch.no_grad():
         mha.in_proj_weight.copy_(torch.cat([W[idx(j)] for j in range(3)]))
@@ -159,7 +160,8 @@ def test_vision_tower_equals_a_recomputation_from_the_reference(model):
         x = x + y.transpose(0, 1)
         h_in = ln(x, b + "ln_2")
         g = h_in @ sd[b + "mlp.c_fc.weight"].t() + sd[b + "mlp.c_fc.bias"]
-        x = x + (0.5 * g * (1 + torch.erf(g / math.sqrt(2)))) @ sd[b + "mlp.c_proj.weight"].t() + sd[b + "mlp.c_proj.bias"]
+        gelu = 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))                         # exact GELU
+        x = x + gelu @ sd[b + "mlp.c_proj.weight"].t() + sd[b + "mlp.c_proj.bias"]
     E = cfg.output_dim
     kv = ln(x @ sd["attn_pool.kv_proj.weight"].t(), "attn_pool.ln_kv")
     q = ln(sd["attn_pool.query"], "attn_pool.ln_q") + sincos_2d(E, 4)

@@ -137,7 +137,8 @@ def test_grounding_text_round_trips(tok):
     text = "<ref>击掌</ref><box>(536,509),(588,602)</box> and<ref> her dog</ref><box>(219,424),(576,896)</box>"
     ids = tok.encode(text)
     assert tok.decode(ids) == text
-    assert [i for i in ids if i >= tok.eod_id] == [tok.ref_start_id, tok.ref_end_id, tok.box_start_id, tok.box_end_id] * 2
+    tags = [tok.ref_start_id, tok.ref_end_id, tok.box_start_id, tok.box_end_id]
+    assert [i for i in ids if i >= tok.eod_id] == tags * 2
     assert tok.decode(ids, skip_special_tokens=True) == "击掌(536,509),(588,602) and her dog(219,424),(576,896)"
 
 

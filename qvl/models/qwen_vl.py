@@ -92,6 +92,8 @@ class TextConfig:
 
 @dataclass
 class QwenVLConfig:
+    """LLM + vision config; `from_hf` / `to_hf` read and write the official config.json."""
+
     text: TextConfig = field(default_factory=TextConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
 
@@ -430,7 +432,9 @@ class QwenVL(nn.Module):
         t = self.config.text
         if isinstance(module, (QWenAttention, QWenMLP)):     # LLM: normal(0.02), c_proj scaled by depth
             for name, lin in module.named_children():
-                std = t.initializer_range / math.sqrt(2 * t.num_hidden_layers) if name == "c_proj" else t.initializer_range
+                std = t.initializer_range
+                if name == "c_proj":
+                    std /= math.sqrt(2 * t.num_hidden_layers)
                 nn.init.normal_(lin.weight, std=std)
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
@@ -468,7 +472,8 @@ class QwenVL(nn.Module):
 
         Image k (row-major order of the <img> tags) overwrites the slots of the k-th span; the tags keep
         their learned embeddings (§4). With images=None the ids are embedded as they are (decode steps);
-        a complete image span without images is an error, not silent garbage.
+        a complete image span without images is an error, not silent garbage. `capture.vision_block` records
+        that ViT block's attention for image `capture.vision_segment`.
         """
         h = self.transformer.wte(input_ids)                               # (B, T, H)
         has_tag = bool((input_ids == self.config.vision.image_start_id).any())
@@ -514,6 +519,9 @@ class QwenVL(nn.Module):
                     cache.ntk_alpha = alpha
             else:
                 alpha = getattr(cache, "ntk_alpha", 1.0)
+        # Rotary angles and log-n use the caller's positions. The released code ignored position_ids and used
+        # cache slots 0..kv_len-1 (§5.3); the two agree for unpadded rows, and with left padding
+        # `qvl.positions.text_position_ids` gives each row the positions it would have on its own.
         hd = t.kv_channels
         cos, sin = rope_cos_sin(positions, hd, t.rotary_emb_base * alpha ** (hd / (hd - 2)))   # (B, 1, T, hd)
         # log-n (§5.3): a query at position p >= seq_length is scaled by log(p+1) / log(seq_length).
