@@ -484,7 +484,7 @@ class QwenVL(nn.Module):
         n_images = 0 if images is None else images.shape[0]
         if n_spans != n_images:
             raise ValueError(f"{n_spans} <img>…</img> spans in input_ids but {n_images} images were given")
-        feats = self.transformer.visual(images.to(h.dtype), capture)    # (N, n_queries, H)
+        feats = self.transformer.visual(images.to(h.device, h.dtype), capture)   # (N, n_queries, H)
         return h.masked_scatter(slots[..., None], feats.to(h.dtype))
 
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> QwenVLCache:
