@@ -368,8 +368,9 @@ def _resize(img: Image.Image, size_hw: tuple[int, int]) -> Image.Image:
     return img.resize((w, h), Image.Resampling.BICUBIC)
 
 
-def _normalise(u8: np.ndarray, channel_dim: int) -> torch.Tensor:
-    """uint8 array -> float32 tensor ``(x/255 - mean) / std`` along ``channel_dim`` (3 channels).
+def _normalise(u8: np.ndarray, channel_dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 array -> float32 ``(x/255 - mean) / std`` along ``channel_dim`` (3 channels), written into
+    ``out`` (any strided float32 view of the same shape) or a new tensor.
 
     The three float32 ops give bit-identical results to transformers' PIL path
     (float64 ``x * (1/255)`` cast to float32, then float32 ``(x - mean) / std``): x/255 in float32 is
@@ -377,37 +378,48 @@ def _normalise(u8: np.ndarray, channel_dim: int) -> torch.Tensor:
     """
     shape = [1] * u8.ndim
     shape[channel_dim] = 3
+    if out is None:
+        out = torch.empty(u8.shape, dtype=torch.float32)
     if u8.size < _TORCH_MIN_ELEMENTS:
-        x = u8.astype(np.float32)
-        x /= np.float32(255.0)
-        x -= _MEAN_NP.reshape(shape)
-        x /= _STD_NP.reshape(shape)
-        return torch.from_numpy(x)
-    x = torch.from_numpy(u8).div(255.0)  # uint8 / float -> float32 in one pass
-    return x.sub_(_MEAN_T.view(shape)).div_(_STD_T.view(shape))
+        o = out.numpy()  # a view: numpy writes straight into the tensor
+        np.divide(u8, np.float32(255.0), out=o, dtype=np.float32)
+        np.subtract(o, _MEAN_NP.reshape(shape), out=o)
+        np.divide(o, _STD_NP.reshape(shape), out=o)
+    else:
+        torch.div(torch.from_numpy(u8), 255.0, out=out)  # uint8 / float -> float32 in one pass
+        out.sub_(_MEAN_T.view(shape)).div_(_STD_T.view(shape))
+    return out
 
 
 def patchify(frames: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
              temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """uint8 frames ``[T, H, W, 3]`` (T a multiple of ``temporal_patch_size``) -> normalised
-    ``pixel_values [T/Tp * H/P * W/P, 3*Tp*P*P]`` float32 and ``grid_thw``.
+    """uint8 frames ``[T, H, W, 3]`` -> normalised ``pixel_values [T/Tp * H/P * W/P, 3*Tp*P*P]`` float32
+    and ``grid_thw``.  ``T`` is a multiple of ``temporal_patch_size``, or 1 for a still image, which is
+    repeated along time (ref §3.1: both temporal slots hold the same frame, grid_t = 1).
 
     Rows are in merge-block order (block row, block col, row-in-block, col-in-block) and columns in
     ``(c, t, py, px)`` order (ref §3.1, §5.2/§5.4).  The rearrangement is done on uint8 (one byte per
-    value) and the float conversion + normalisation in one pass afterwards.
+    value); a still image is normalised once and then copied into the second temporal slot, which
+    halves the float work.
     """
     t, h, w, c = frames.shape
     p, m, tp = patch_size, merge_size, temporal_patch_size
-    if t % tp or h % (p * m) or w % (p * m) or c != 3:
+    still = t == 1
+    if (t % tp and not still) or h % (p * m) or w % (p * m) or c != 3:
         raise MediaError(f"internal: cannot patchify frames of shape {frames.shape}")
-    gt, gh, gw = t // tp, h // p, w // p
-    # [T, H, W, C] -> (gt, tp, gh/m, m, p, gw/m, m, p, c)
-    v = frames.reshape(gt, tp, gh // m, m, p, gw // m, m, p, c)
-    # -> (gt, gh/m, gw/m, m, m, c, tp, p, p): merge-block row order, (c, t, py, px) columns
+    gt, gh, gw = (1 if still else t // tp), h // p, w // p
+    tin = 1 if still else tp  # distinct frames per temporal patch
+    # [T, H, W, C] -> (gt, tin, gh/m, m, p, gw/m, m, p, c)
+    v = frames.reshape(gt, tin, gh // m, m, p, gw // m, m, p, c)
+    # -> (gt, gh/m, gw/m, m, m, c, tin, p, p): merge-block row order, (c, t, py, px) columns
     v = v.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    u8 = np.ascontiguousarray(v).reshape(gt * gh * gw, c, tp, p * p)  # [L, 3, Tp, P*P]
-    x = _normalise(u8, channel_dim=1)
-    return x.view(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+    n = gt * gh * gw
+    u8 = np.ascontiguousarray(v).reshape(n, c, tin, p * p)  # [L, 3, tin, P*P]
+    out = torch.empty((n, c, tp, p * p), dtype=torch.float32)  # [L, 3, Tp, P*P]
+    _normalise(u8, channel_dim=1, out=out[:, :, :tin])
+    if still:
+        out[:, :, 1:] = out[:, :, :1]  # same frame in every temporal slot
+    return out.view(n, c * tp * p * p), (gt, gh, gw)
 
 
 # --------------------------------------------------------------------------------------
@@ -436,9 +448,8 @@ def process_image(src: Any, min_pixels: int | None = None, max_pixels: int | Non
                         MAX_PIXELS if max_pixels is None else max_pixels, resized_height, resized_width)
     resized = _resize(img, (h, w))
     arr = np.asarray(resized)  # [h, w, 3] uint8
-    # An image is a 2-frame clip of itself (ref §3.1): broadcast, no copy until patchify.
-    frames = np.broadcast_to(arr[None], (TEMPORAL_PATCH_SIZE, h, w, 3))
-    pixel_values, grid = patchify(frames)
+    pixel_values, grid = patchify(arr[None])  # [1, h, w, 3]: a still image, repeated along time
+
     return ImageInputs(pixel_values, grid, (h0, w0), (h, w), resized)
 
 
