@@ -15,6 +15,9 @@ Everything is vectorised over patches/tokens; the only Python loops run over gri
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 
 # Value written at padding positions (attention_mask == 0). They are masked anyway; 1 is what
@@ -129,56 +132,95 @@ def window_index(
 # ---------------------------------------------------------------------------------------------
 
 
-def _visual_tokens(
-    is_tok: torch.Tensor,
-    grids: list[tuple[int, int, int]],
-    tps: float,
-    seconds: list[float],
-    merge_size: int,
-    kind: str,
-):
-    """Locate every placeholder token of one modality and its (t, h, w) offset inside its item.
+class _Item(NamedTuple):
+    """One image or video as the LLM sees it."""
 
-    is_tok: BoolTensor[B*T] (row-major), True at this modality's real placeholder tokens.
-    Items are taken in order of appearance across the whole batch (§4.3 step 2), so the k-th
-    placeholder in row-major order belongs to the item whose cumulative token range contains k.
+    kind: str  # "image" | "video"
+    t: int  # temporal patches
+    lh: int  # LLM grid rows (h / merge_size)
+    lw: int  # LLM grid cols
+    tps: float  # time ids per second (1 for images and Qwen2-VL videos)
+    spg: float  # seconds per temporal patch (1 for images and Qwen2-VL videos)
 
-    Item i's time id advances tps * seconds[i] per temporal patch (tokens_per_second *
-    second_per_grid_t; 1 * 1 for images and Qwen2-VL videos).
+    @property
+    def tokens(self) -> int:
+        return self.t * self.lh * self.lw
 
-    Returns, K placeholder tokens, N items:
-      flat_pos [K]           row-major position of each placeholder token
-      item [K]               item it belongs to
-      offsets [3, K]         its (t, h, w) id relative to the item's start id
-      first_pos, last_pos [N] row-major position of each item's first / last token
-      width [N]              1 + the largest offset any axis reaches = how far the item advances the ids
+
+def _items(image_grid_thw, video_grid_thw, second_per_grid_ts, tokens_per_second, merge_size):
+    """Image and video queues, each in order of appearance across the batch."""
+    m = merge_size
+    videos = _grids(video_grid_thw)
+    tps = 1.0 if tokens_per_second is None else float(tokens_per_second)
+    if second_per_grid_ts is None or tokens_per_second is None:  # default 1 s per temporal patch
+        seconds = [1.0] * len(videos)
+    else:
+        seconds = torch.as_tensor(second_per_grid_ts, dtype=torch.float64).reshape(-1).tolist()
+        if len(seconds) != len(videos):
+            raise ValueError(f"{len(seconds)} second_per_grid_ts for {len(videos)} videos")
+    # Images have t = 1, so their time step never matters; 1 keeps Qwen2-VL's rule if t > 1.
+    images = [_Item("image", t, h // m, w // m, 1.0, 1.0) for t, h, w in _grids(image_grid_thw)]
+    return images, [_Item("video", t, h // m, w // m, tps, s) for (t, h, w), s in zip(videos, seconds)]
+
+
+def _order_items(run_is_video: list[bool], run_lengths: list[int], images: list, videos: list) -> list:
+    """Assign items to the runs of placeholder tokens, taking images and videos from their own
+    queues in order (§4.3 step 2). A run may hold several items written back to back."""
+    for is_video, items in ((False, images), (True, videos)):
+        have = sum(n for v, n in zip(run_is_video, run_lengths) if v == is_video)
+        need = sum(it.tokens for it in items)
+        if have != need:
+            kind = "video" if is_video else "image"
+            raise ValueError(
+                f"the prompt has {have} {kind} placeholder tokens but the {kind} grids need {need} "
+                f"({len(items)} {kind}s); expand each pad to t*h*w/merge_size**2 tokens"
+            )
+    queues = {False: iter(images), True: iter(videos)}
+    ordered = []
+    for is_video, n in zip(run_is_video, run_lengths):
+        while n > 0:  # totals match, so the queue cannot run dry here
+            ordered.append(next(queues[is_video]))
+            n -= ordered[-1].tokens
+        if n < 0:
+            raise ValueError(f"a run of placeholder tokens ends inside {ordered[-1].kind} {tuple(ordered[-1])[1:4]}")
+    return ordered
+
+
+def _frame_table(items: list[_Item]):
+    """Per-frame bookkeeping in plain Python (frames are few; per-token work stays on tensors).
+
+    Returns
+      frames:  list of (time id, lw, index of the frame's first token among all placeholder tokens)
+      sizes:   tokens per frame (lh * lw), same order
+      firsts, lasts: index of each item's first / last token among all placeholder tokens
+      widths:  per item, 1 + the largest offset any axis reaches = how far the item advances the ids
     """
-    device = is_tok.device
-    flat_pos = is_tok.nonzero().squeeze(1)  # (K,) row-major positions
-    g = torch.tensor(grids, dtype=torch.long, device=device).reshape(-1, 3)
-    t, lh, lw = g[:, 0], g[:, 1] // merge_size, g[:, 2] // merge_size
-    counts = t * lh * lw  # (N,) LLM tokens per item
-    if int(counts.sum()) != flat_pos.numel():
-        raise ValueError(
-            f"{kind}: the prompt has {flat_pos.numel()} placeholder tokens but the grids need "
-            f"{int(counts.sum())} ({len(grids)} {kind}s); expand each pad to t*h*w/{merge_size**2} tokens"
-        )
-    n = len(grids)
-    item = torch.repeat_interleave(torch.arange(n, device=device), counts)  # (K,) item of each token
-    starts = torch.cumsum(counts, 0) - counts  # (N,) index of each item's first token among the K
-    offset = torch.arange(flat_pos.numel(), device=device) - starts[item]  # (K,) rank inside its item
-    frame = lh * lw
-    ti, rem = offset // frame[item], offset % frame[item]
-    r, c = rem // lw[item], rem % lw[item]
-    # Temporal id: floor(ti * tokens_per_second * second_per_grid_t) on the float product (§4.3,
-    # §7.12). ti * tps is exact in float64, so the product is rounded once before the floor.
-    spg = torch.tensor(seconds, dtype=torch.float64, device=device)  # (N,)
-    tt = torch.floor(ti.double() * tps * spg[item]).long()
-    t_ext = torch.floor((t - 1).double() * tps * spg).long()
-    width = torch.maximum(t_ext, torch.maximum(lh, lw) - 1) + 1  # (N,)
-    first_pos = flat_pos[starts]
-    last_pos = flat_pos[starts + counts - 1]
-    return flat_pos, item, torch.stack([tt, r, c]), first_pos, last_pos, width
+    frames, sizes, firsts, lasts, widths, k = [], [], [], [], [], 0
+    for it in items:
+        firsts.append(k)
+        # Temporal id: floor(ti * tokens_per_second * second_per_grid_t) on the float product
+        # (§4.3, §7.12); ti * tps is exact, so the product is rounded once before the floor.
+        times = [math.floor(ti * it.tps * it.spg) for ti in range(it.t)]
+        for tt in times:
+            frames.append((tt, it.lw, k))
+            sizes.append(it.lh * it.lw)
+            k += it.lh * it.lw
+        lasts.append(k - 1)
+        widths.append(max(times[-1], it.lh - 1, it.lw - 1) + 1)
+    return frames, sizes, firsts, lasts, widths
+
+
+def _visual_offsets(frames, sizes, K: int, device) -> torch.Tensor:
+    """(t, h, w) offset of every placeholder token relative to its item's start id. -> [3, K]"""
+    table = torch.tensor(frames, dtype=torch.long, device=device).T  # (3, F): time id, lw, first token
+    sizes = torch.tensor(sizes, device=device)
+    out = table.repeat_interleave(sizes, dim=1, output_size=K)  # (3, K), rows overwritten below
+    lw = out[1]
+    idx = torch.arange(K, device=device).sub_(out[2])  # raster index inside its frame
+    r = torch.div(idx, lw, rounding_mode="floor")
+    out[2] = idx.addcmul_(r, lw, value=-1)  # column = idx - r * lw (lw read before row 1 is replaced)
+    out[1] = r
+    return out
 
 
 def mrope_position_ids(
@@ -214,50 +256,54 @@ def mrope_position_ids(
     """
     del vision_start_token_id
     B, T = input_ids.shape
-    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    flat_ids, flat_real = input_ids.reshape(-1), real.reshape(-1)  # (B*T,)
+    device = input_ids.device
+    flat_ids = input_ids.reshape(-1)  # (B*T,)
+    real = None if attention_mask is None else attention_mask.reshape(-1).bool()  # (B*T,)
+    images, videos = _items(image_grid_thw, video_grid_thw, second_per_grid_ts, tokens_per_second, merge_size)
 
-    # Each token/item is a "unit" that advances the running id by its width: a text token by 1, a
-    # visual item by 1 + its largest offset (so the next unit starts at max + 1), padding by 0.
-    # A unit's start id is then the exclusive cumulative sum of widths along its row.
-    width = flat_real.long().clone()  # (B*T,)
-    visual = []
-    video_grids = _grids(video_grid_thw)
-    if second_per_grid_ts is None or tokens_per_second is None:  # Qwen2-VL: 1 per temporal patch
-        video_seconds = [1.0] * len(video_grids)
+    # All placeholder tokens, row-major = order of appearance across the batch.
+    is_video = flat_ids == video_token_id
+    is_visual = (flat_ids == image_token_id) | is_video
+    if real is not None:
+        is_visual &= real
+    flat_pos = torch.nonzero(is_visual).view(-1)  # (K,)
+    K = flat_pos.numel()
+    # Split them into runs of one modality (the only per-run data that goes back to Python).
+    n_video = int((is_video & is_visual).sum())
+    if 0 < n_video < K:  # both kinds present
+        tok_is_video = is_video[flat_pos]  # (K,)
+        cuts = (torch.nonzero(tok_is_video[1:] != tok_is_video[:-1]).view(-1) + 1).tolist()
+        bounds = [0, *cuts, K]
+        run_is_video = [bool(v) for v in tok_is_video[bounds[:-1]].tolist()]
+        run_lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     else:
-        video_seconds = torch.as_tensor(second_per_grid_ts, dtype=torch.float64).reshape(-1).tolist()
-        if len(video_seconds) != len(video_grids):
-            raise ValueError(f"{len(video_seconds)} second_per_grid_ts for {len(video_grids)} videos")
-    video_tps = 1.0 if tokens_per_second is None else float(tokens_per_second)
-    # Images have t = 1, so their time step never matters; 1 keeps Qwen2-VL's rule if t > 1.
-    for tok, grids, tps, seconds, kind in (
-        (image_token_id, _grids(image_grid_thw), 1.0, None, "image"),
-        (video_token_id, video_grids, video_tps, video_seconds, "video"),
-    ):
-        is_tok = (flat_ids == tok) & flat_real
-        if not grids:
-            if bool(is_tok.any()):
-                raise ValueError(f"{kind} placeholder tokens found but no {kind}_grid_thw given")
-            continue
-        seconds = seconds if seconds is not None else [1.0] * len(grids)
-        flat_pos, item, offsets, first_pos, last_pos, item_width = _visual_tokens(
-            is_tok, grids, tps, seconds, merge_size, kind
-        )
-        if bool((first_pos // T != last_pos // T).any()):
-            raise ValueError(f"an {kind} spans two batch rows; check the grids against the prompts")
-        width[flat_pos] = 0
-        width[first_pos] = item_width
-        visual.append((flat_pos, item, offsets, first_pos))
+        run_is_video, run_lengths = ([n_video > 0], [K]) if K else ([], [])
+    frames, sizes, firsts, lasts, widths = _frame_table(_order_items(run_is_video, run_lengths, images, videos))
 
+    # Every token advances the running id by its "width": text 1, padding 0, and a visual item
+    # 1 + its largest offset, booked on its *last* token (its other tokens 0). A token's start id
+    # is then the exclusive cumulative sum of widths along its row: text gets max(previous) + 1,
+    # and every token of an item gets the item's start id, to which its (t, h, w) offset is added.
+    width = (real ^ is_visual if real is not None else ~is_visual).long()  # (B*T,) 1 = text, else 0
+    if K:
+        # Each item must be one contiguous stretch of placeholders inside one row.
+        first_pos = flat_pos[torch.tensor(firsts, device=device)]
+        last_pos = flat_pos[torch.tensor(lasts, device=device)]
+        n_tok = torch.tensor(lasts, device=device) - torch.tensor(firsts, device=device)
+        if bool(((last_pos - first_pos != n_tok) | (first_pos // T != last_pos // T)).any()):
+            raise ValueError(
+                "an image/video is not one contiguous run of placeholder tokens in one row; "
+                "check the grids against the prompts"
+            )
+        width[last_pos] = torch.tensor(widths, device=device)
     width = width.view(B, T)
-    start = torch.cumsum(width, dim=1) - width  # (B, T) start id of the unit at each token
-    pos = start.reshape(1, -1).repeat(3, 1)  # (3, B*T): text ids are equal on all three axes
-    flat_start = start.reshape(-1)
-    for flat_pos, item, offsets, first_pos in visual:
-        pos[:, flat_pos] = flat_start[first_pos][item] + offsets  # item start + (t, h, w) offset
-    pos[:, ~flat_real] = PAD_POSITION
-    rope_deltas = width.sum(dim=1, keepdim=True) - T  # (B, 1): (max id + 1) - padded length
+    start = torch.cumsum(width, dim=1) - width  # (B, T) exclusive cumsum = start id per token
+    pos = start.view(1, -1).repeat(3, 1)  # (3, B*T): text ids are equal on all three axes
+    if K:
+        pos.index_add_(1, flat_pos, _visual_offsets(frames, sizes, K, device))  # + (t, h, w) offset
+    if real is not None:
+        pos.masked_fill_(~real, PAD_POSITION)
+    rope_deltas = start[:, -1:] + width[:, -1:] - T  # (B, 1): total width = max id + 1, minus padded length
     return pos.view(3, B, T), rope_deltas
 
 

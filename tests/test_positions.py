@@ -262,10 +262,20 @@ def test_mrope_left_padding_row_equals_unpadded():
 
 def test_mrope_errors_are_clear():
     ids = torch.tensor([[1, VS] + [IMG] * 3 + [VE]])
-    with pytest.raises(ValueError, match="placeholder"):
+    with pytest.raises(ValueError, match="3 image placeholder tokens but the image grids need 4"):
         mrope_position_ids(ids, [(1, 4, 4)])
-    with pytest.raises(ValueError, match="no image_grid_thw"):
+    with pytest.raises(ValueError, match="3 image placeholder tokens but the image grids need 0"):
         mrope_position_ids(ids, None)
+    with pytest.raises(ValueError, match="0 video placeholder tokens but the video grids need 1"):
+        mrope_position_ids(ids, [(1, 2, 6)], [(1, 2, 2)])
+    with pytest.raises(ValueError, match="ends inside image"):  # an image cut in two by a video
+        mrope_position_ids(torch.tensor([[IMG, VID, IMG]]), [(1, 2, 4)], [(1, 2, 2)])
+    with pytest.raises(ValueError, match="not one contiguous run"):  # items of 2 + 1 vs runs 1 + 2
+        split = torch.tensor([[IMG, VE, VS, IMG, IMG]])
+        mrope_position_ids(split, [(1, 2, 4), (1, 2, 2)])
+    with pytest.raises(ValueError, match="not one contiguous run"):
+        two_rows = torch.tensor([[1, IMG, IMG], [IMG, IMG, 2]])
+        mrope_position_ids(two_rows, [(1, 4, 4)])
 
 
 # ---------------------------------------------------------------------------------------------
