@@ -175,6 +175,11 @@ def frames(clip: Clip, indices=None) -> list[Image.Image]:
     return [render_frame(clip, int(i)) for i in indices]
 
 
+def render_clip(clip: Clip) -> tuple[list[Image.Image], int, list[Event]]:
+    """Everything a caller needs in one go: (frames, fps, ground-truth events)."""
+    return frames(clip), clip.fps, events(clip)
+
+
 def events(clip: Clip) -> list[Event]:
     """Appearances after the first frame and disappearances before the end, in time order."""
     out = []
@@ -202,4 +207,4 @@ def write_mp4(clip: Clip, path, crf: int = 18) -> None:
 
 
 __all__ = ["DIRECTIONS", "Track", "Clip", "Event", "ClipConfig", "make_clip", "box_at", "visible",
-           "render_frame", "frames", "events", "write_mp4"]
+           "render_frame", "frames", "render_clip", "events", "write_mp4"]
