@@ -99,9 +99,15 @@ class VLM:
         texts = [self._render(c, add_generation_prompt, add_vision_id) for c in conversations]
         return Batch(input_ids, attention_mask, vision, positions, deltas, media_items, texts)
 
+    @property
+    def _gen1_source_bytes(self) -> int:
+        # A path must leave one slot for the <imgpad> that ends it (gen-1 §3.3); tiny models have
+        # fewer than 256 slots, longer paths become the placeholder image-N.
+        return self.tokenizer.image_span - 1
+
     def _render(self, conversation, add_generation_prompt, add_vision_id) -> str:
         if self.generation == "1":
-            return chat_format.render_qwen_vl(conversation, add_generation_prompt)
+            return chat_format.render_qwen_vl(conversation, add_generation_prompt, self._gen1_source_bytes)
         return chat_format.render_qwen2(conversation, add_generation_prompt, add_vision_id)
 
     def _prepare_qwen2(self, conversations, add_generation_prompt, add_vision_id, min_pixels, max_pixels):
@@ -169,7 +175,7 @@ class VLM:
                 pixels.append(media.process_image_gen1(img, image_size=size))
                 items.append(MediaItem("image", 0, 0, 0, None, (img.height, img.width), (size, size)))
             # The <img>…</img> reference in the text becomes n_queries slots in the tokenizer (gen-1 §3.3).
-            ids = tok.encode(chat_format.render_qwen_vl(conv, add_generation_prompt))
+            ids = tok.encode(chat_format.render_qwen_vl(conv, add_generation_prompt, self._gen1_source_bytes))
             opens = [i for i, t in enumerate(ids) if t == tok.img_start_id]
             closes = [i for i, t in enumerate(ids) if t == tok.img_end_id]
             for it, a, b in zip(items, opens, closes):
@@ -201,8 +207,14 @@ class VLM:
         batch = self.prepare(messages)
         kwargs = self._gen_kwargs(kwargs)
         tokens = self.generate(batch, max_new_tokens, **kwargs)
-        replies = [self.tokenizer.decode(row) for row in trim(tokens, kwargs["stop_ids"])]
+        replies = [self.decode(row) for row in trim(tokens, kwargs["stop_ids"])]
         return replies if _is_batch(messages) else replies[0]
+
+    def decode(self, ids) -> str:
+        """Token ids -> text, special tokens kept. Ids of the model's padding rows (beyond the
+        tokenizer, reachable only by an untrained model) are dropped, as the Qwen2 tokenizer does."""
+        n = len(self.tokenizer)
+        return self.tokenizer.decode([int(i) for i in ids if 0 <= int(i) < n])
 
     def stream(self, messages, max_new_tokens: int = 512, **kwargs) -> Iterator[str]:
         """Text pieces of the reply to one conversation, as they are generated (whole characters only)."""

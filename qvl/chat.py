@@ -172,19 +172,21 @@ def expand_pads(text: str, image_tokens: Sequence[int], video_tokens: Sequence[i
 # ---------------------------------------------------------------------------------------------
 
 
-def gen1_image_reference(source: Any, index: int) -> str:
+def gen1_image_reference(source: Any, index: int, max_bytes: int = GEN1_MAX_SOURCE_BYTES) -> str:
     """What goes between `<img>` and `</img>` for gen 1: the path or URL itself when it is a string
-    that fits the 255 usable byte slots (gen-1 §3.3), otherwise the placeholder `image-{index}`.
+    that fits the usable byte slots (255 of 256 for the released models, gen-1 §3.3; fewer for a
+    tiny model with fewer resampler queries), otherwise the placeholder `image-{index}`.
 
     index is the 1-based position of the image in `vision_items(messages)`; the gen-1 tokenizer
     and model map a placeholder back to that entry (in-memory PIL/numpy/bytes images, data URLs).
     """
-    if isinstance(source, str) and len(source.encode("utf-8")) <= GEN1_MAX_SOURCE_BYTES:
+    if isinstance(source, str) and len(source.encode("utf-8")) <= max_bytes:
         return source
     return f"image-{index}"
 
 
-def render_qwen_vl(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+def render_qwen_vl(messages: Sequence[dict], add_generation_prompt: bool = True,
+                   max_source_bytes: int = GEN1_MAX_SOURCE_BYTES) -> str:
     """Qwen-VL (gen 1) ChatML prompt (gen-1 reference §6.1, `make_context` with chat_format chatml).
 
     * system turn: the given system message, else "You are a helpful assistant.";
@@ -214,7 +216,7 @@ def render_qwen_vl(messages: Sequence[dict], add_generation_prompt: bool = True)
             if kind == "image":
                 k += 1
                 n_seen += 1
-                body.append(f"Picture {k}: <img>{gen1_image_reference(_source(item), n_seen)}</img>\n")
+                body.append(f"Picture {k}: <img>{gen1_image_reference(_source(item), n_seen, max_source_bytes)}</img>\n")
             elif kind == "video":
                 raise ValueError("Qwen-VL (gen 1) has no video input; use Qwen2-VL or Qwen2.5-VL for video")
             elif kind == "text":

@@ -225,3 +225,15 @@ def test_gen1_left_padded_batch_equals_full_forward(gen1):
     assert torch.equal(logits[:, T - 1:-1].argmax(-1), out)
     alone = generate(model, vlm.prepare(convs[0]), 8)
     assert torch.equal(alone[0], out[0])
+
+
+def test_gen1_tiny_model_accepts_a_path_longer_than_its_slots(gen1, tmp_path):
+    # 16 slots hold at most 15 path bytes: a longer path is referenced as image-N and still loads.
+    vlm, tok = gen1
+    path = tmp_path / "a_rather_long_file_name.png"
+    _image(60, 80, 6).save(path)
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "hello"}]}]
+    batch = vlm.prepare(messages)
+    assert tok.image_paths(batch.input_ids[0].tolist()) == ["image-1"]
+    assert batch.media[0].original_size == (60, 80)
+    assert isinstance(vlm.chat(messages, max_new_tokens=4), str)
