@@ -7,6 +7,6 @@
 * `qvl.viz.costs`    - arithmetic from configs: KV-cache bytes, ViT FLOPs/activations, parameters per component
 """
 
-from qvl.viz import costs, overlays
+from qvl.viz import costs, overlays, plots
 
-__all__ = ["costs", "overlays"]
+__all__ = ["costs", "overlays", "plots"]
