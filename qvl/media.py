@@ -747,7 +747,10 @@ def account(src: Any, *, min_pixels: int | None = None, max_pixels: int | None =
         except MediaError as e:
             if "not a recognised image" not in str(e):
                 raise
-            return _account_video(src, min_pixels, max_pixels, fps, nframes)  # maybe a video without extension
+            try:  # maybe a video without a telling extension
+                return _account_video(src, min_pixels, max_pixels, fps, nframes)
+            except MediaError:
+                raise MediaError(f"{_label(src)}: not a recognised image or video file") from None
     else:
         size = _image_size_cheap(src)
     resized = smart_resize(size[0], size[1], IMAGE_FACTOR, MIN_PIXELS if min_pixels is None else min_pixels,

@@ -242,6 +242,7 @@ def test_video_errors(tmp_path, make_video):
         (lambda: media.process_video(str(junk)), r"junk\.mp4: cannot decode video"),
         (lambda: media.process_video(str(tmp_path / "nope.mp4")), r"nope\.mp4: file not found"),
         (lambda: media.account(str(junk)), r"junk\.mp4: cannot decode video"),
+        (lambda: media.account(b"garbage" * 10), r"<70 bytes>: not a recognised image or video file"),
         (lambda: media.process_video([]), r"frame list is empty"),
         (lambda: media.process_video([np.zeros((8, 8, 3), np.uint8)], nframes=2), r"apply to video files"),
         (lambda: media.process_video(str(make_video(6, 10.0)), nframes=8), r"cannot sample 8 frames from a 6-frame"),
