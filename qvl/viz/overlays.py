@@ -185,9 +185,14 @@ def window_ids(grid_thw, window_size: int = 112) -> torch.Tensor:
 
 
 def window_color(window: int, windows_per_row: int) -> tuple[int, int, int]:
-    """A colour per window such that horizontal, vertical and diagonal neighbours always differ."""
+    """A colour per window: the window number's own palette entry (so up to 12 windows are all
+    distinct), unless that would give touching windows (side or corner) the same colour."""
+    n = len(PALETTE)
+    step = windows_per_row
+    if windows_per_row > 1 and windows_per_row % n in (0, 1, n - 1):
+        step = 5  # row offset 5 keeps vertical and diagonal neighbours apart
     r, c = divmod(window, windows_per_row)
-    return PALETTE[(r * 5 + c) % len(PALETTE)]
+    return PALETTE[(r * step + c) % n]
 
 
 def draw_windows(src, min_pixels: int | None = None, max_pixels: int | None = None, *, window_size: int = 112,

@@ -21,16 +21,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt  # headless machines fall back to Agg; notebooks keep their inline backend
+import numpy as np
+import torch
+from matplotlib.patches import Patch, Rectangle
 
-matplotlib.use("Agg", force=False)  # headless by default; notebooks' inline backend still wins
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Patch, Rectangle  # noqa: E402
-
-from qvl import chat, media, positions  # noqa: E402
-from qvl.viz import costs  # noqa: E402
+from qvl import chat, media, positions
+from qvl.viz import costs
 
 MODALITY_COLORS = {"text": "#4C72B0", "special": "#555555", "image": "#DD8452", "video": "#55A868"}
 AXES = ("t", "h", "w")
