@@ -288,6 +288,9 @@ def test_token_stream_collapses_visual_runs():
     assert len(labels) == len(toy["tokens"]) - 6 - 12 + 2
     assert "<|image_pad|> x6  (image 0)" in labels and "<|video_pad|> x12  (video 0)" in labels
     assert "<|vision_start|>" in labels and plots.is_special("<|im_end|>") and not plots.is_special("moves")
+    gen1 = plots.toy_prompt(["<|im_start|> user <img>", *["<imgpad>"] * 5, "</img> hi"])
+    assert [(s["type"], s["start"], s["end"]) for s in gen1["spans"]] == [("text", 0, 3), ("image", 3, 8), ("text", 8, 10)]
+    assert gen1["gen1_ids"].tolist() == list(range(10))
 
 
 def test_parameters_plot_bars():

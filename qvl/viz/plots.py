@@ -38,6 +38,7 @@ SPECIAL_IDS = {  # Qwen2 vocabulary (reference §1.3)
     "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
     "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": chat.IMAGE_TOKEN_ID,
     "<|video_pad|>": chat.VIDEO_TOKEN_ID,
+    "<img>": chat.GEN1_IMG_START_ID, "</img>": chat.GEN1_IMG_END_ID, "<imgpad>": chat.GEN1_IMG_END_ID + 1,  # gen 1
 }
 
 
@@ -57,7 +58,8 @@ def toy_prompt(parts: Sequence, tokens_per_second: float | None = None) -> dict:
     """Build a prompt from parts and compute its M-RoPE ids with `qvl.positions.mrope_position_ids`.
 
     parts: a str is text, split on spaces into one token per word (special tokens such as
-    "<|im_start|>" are kept whole); ("image", (t, h, w)) is an image of that patch grid; ("video",
+    "<|im_start|>" are kept whole; a gen-1 stream writes "<img> <imgpad> ... </img>" as text, and its
+    spans then follow gen 1's rule); ("image", (t, h, w)) is an image of that patch grid; ("video",
     (t, h, w), seconds_per_temporal_patch) a video. Each visual item is wrapped in
     <|vision_start|> ... <|vision_end|> and expanded to t*h*w/4 pad tokens, as the chat template does.
     tokens_per_second: None = Qwen2-VL, 2 = Qwen2.5-VL.
@@ -88,8 +90,11 @@ def toy_prompt(parts: Sequence, tokens_per_second: float | None = None) -> dict:
     pos, _ = positions.mrope_position_ids(
         input_ids, images or None, videos or None, second_per_grid_ts=seconds or None,
         tokens_per_second=tokens_per_second)
-    spans = chat.modality_spans(ids, image_tokens=[g[0] * g[1] * g[2] // 4 for g in images],
-                                video_tokens=[g[0] * g[1] * g[2] // 4 for g in videos])
+    if "<img>" in tokens:  # a gen-1 stream: the image is the slots between <img> and </img>
+        spans = chat.modality_spans(ids, gen1=True)
+    else:
+        spans = chat.modality_spans(ids, image_tokens=[g[0] * g[1] * g[2] // 4 for g in images],
+                                    video_tokens=[g[0] * g[1] * g[2] // 4 for g in videos])
     return {"input_ids": input_ids, "tokens": tokens, "spans": spans, "position_ids": pos[:, 0],
             "image_grid_thw": images, "video_grid_thw": videos, "second_per_grid_ts": seconds,
             "gen1_ids": positions.text_position_ids(torch.ones_like(input_ids))[0]}
