@@ -139,6 +139,10 @@ def test_attention_overlay_puts_weight_on_the_right_token():
     assert px.shape[0] > lh * 28  # colour bar + caption below (the band is at least 320 px wide)
     assert tuple(px[1 * 28 + 14, 2 * 28 + 14]) == (255, 255, 255)
     assert tuple(px[14, 14]) == (0, 0, 0)
+    attn = torch.zeros(1, 2, 3, 40)
+    attn[0, 0, -1, 10 + k] = 1.0  # head 0 of the last query looks at token k of an item spanning keys 10..25
+    assert torch.equal(overlays.item_weights(attn, 10, 25, head=0), weights)
+    assert torch.equal(overlays.item_weights(attn, 10, 25), weights / 2)
     with pytest.raises(ValueError, match="weights"):
         overlays.attention_overlay(img, torch.ones(4), (lh, lw))
 
@@ -170,6 +174,8 @@ def test_kv_cache_bytes_closed_form():
     assert costs.kv_cache_bytes("Qwen/Qwen2.5-VL-3B-Instruct", 10, bytes_per_value=4) == 36 * 2 * 2 * 128 * 4 * 10
     # Qwen-VL (gen 1): 32 layers, no grouped-query attention (32 K/V heads of 128)
     assert costs.kv_cache_bytes("Qwen/Qwen-VL-Chat", 1) == 32 * 2 * 32 * 128 * 2
+    rows = costs.summary((1, 34, 46), 1000, "Qwen2-VL-7B-Instruct")
+    assert rows["KV cache (prompt)"] == "54.69 MiB" == f"{57_344_000 / 2**20:.2f} MiB"
 
 
 def test_window_flops_below_full_and_closed_form():

@@ -210,6 +210,23 @@ def parameter_counts(name) -> dict[str, int]:
     return counts
 
 
+def summary(grid_thw, prompt_tokens: int, name, bytes_per_value: int = 2) -> dict[str, str]:
+    """Readable rows for one image/video on one checkpoint (what the app's Tokens view lists):
+    KV cache for the whole prompt, the ViT's per-block hidden states and attention matrices
+    (full vs window), and its attention FLOPs as configured vs all-full."""
+    c = vision_costs(grid_thw, name, bytes_per_value)
+    return {
+        "checkpoint": str(name).split("/")[-1] if isinstance(name, str) else generation_of(preset_config(name)),
+        "ViT patches": f"{c['patches']:,}",
+        "KV cache (prompt)": human_bytes(kv_cache_bytes(name, prompt_tokens, bytes_per_value)),
+        "ViT hidden states per block": human_bytes(c["hidden_bytes"]),
+        "ViT attention matrix, full": human_bytes(c["scores_bytes_full"]),
+        "ViT attention matrix, window": human_bytes(c["scores_bytes_window"]),
+        "ViT attention FLOPs as configured": human_count(c["flops_as_configured"], "FLOP"),
+        "ViT attention FLOPs if all full": human_count(c["flops_all_full"], "FLOP"),
+    }
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB' (powers of 1024)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -229,5 +246,5 @@ def human_count(n: float, unit: str = "") -> str:
 
 __all__ = [
     "preset_names", "preset_config", "generation_of", "kv_cache_bytes", "vision_block_kinds", "segment_lengths",
-    "attention_flops", "vision_costs", "parameter_counts", "human_bytes", "human_count",
+    "attention_flops", "vision_costs", "parameter_counts", "summary", "human_bytes", "human_count",
 ]

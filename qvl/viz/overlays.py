@@ -324,6 +324,14 @@ def _token_grid(grid) -> tuple[int, int, int]:
     return t, h // media.MERGE_SIZE, w // media.MERGE_SIZE
 
 
+def item_weights(attn, start: int, end: int, head: int | None = None, query: int = -1, row: int = 0) -> torch.Tensor:
+    """One query token's attention over one image's tokens, from a `Capture` tensor `[B, heads, Tq, keys]`
+    (`capture.attn[layer][i]`): keys start..end (the item's placeholder span, e.g. a Batch MediaItem's
+    .start/.end, shifted by the capture's key_span start if one was set), one head or the mean over heads."""
+    a = torch.as_tensor(attn)[row, :, query, start:end].float()  # (heads, n)
+    return a.mean(dim=0) if head is None else a[head]
+
+
 def attention_overlay(src, weights, grid, *, frame: int = 0, alpha: float = 0.6, cmap: str = "inferno",
                       caption: str | None = None) -> Image.Image:
     """Weights over the image's merged tokens (raster order; all frames of a video one after another)
@@ -439,5 +447,5 @@ def frame_strip(frames: Sequence, timestamps: Sequence[float], *, frame_indices:
 
 __all__ = [
     "model_input_image", "draw_patch_grid", "patch_grid", "window_ids", "window_color", "draw_windows",
-    "draw_grounding", "attention_overlay", "video_frames", "frame_strip", "add_caption", "CONVENTIONS",
+    "draw_grounding", "item_weights", "attention_overlay", "video_frames", "frame_strip", "add_caption", "CONVENTIONS",
 ]
