@@ -144,8 +144,14 @@ def prefill(model, batch: Batch, cache, pad_mask=None, *, capture=None) -> torch
 
 
 def decode_one(model, tokens, positions, cache, start: int, pad_mask=None, capture=None) -> torch.Tensor:
-    """Feed one token per row ([B, 1]) at slot `start`. -> logits [B, V]"""
-    return _forward(model, model.embed(tokens), positions, cache, start, pad_mask, capture)
+    """Feed one token per row ([B, 1]) at slot `start`. -> logits [B, V]
+
+    Kept free of Python introspection so `torch.compile` can trace it whole.
+    """
+    embeds = model.embed(tokens)
+    if capture is None:
+        return model(embeds, positions, cache, start, pad_mask)[:, -1]
+    return model(embeds, positions, cache, start, pad_mask, capture=capture)[:, -1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +371,11 @@ class TextStream:
         token_id = int(token_id)
         if token_id in self._skip:
             return ""
-        return self._utf8.decode(self._bytes(token_id))
+        try:
+            data = self._bytes(token_id)
+        except (KeyError, ValueError, IndexError):  # a padding row beyond the tokenizer: no text
+            data = b""
+        return self._utf8.decode(data)
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
