@@ -1,0 +1,526 @@
+"""Write the notebooks in this folder from the readable cell lists below (nbformat, no outputs).
+
+    python notebooks/_build.py          # rewrite every notebook listed in NOTEBOOKS
+    python notebooks/_build.py --check  # exit 1 if a stored notebook differs from what this file builds
+
+Edit the cells here, not in the .ipynb files, so reviews read as plain Python/Markdown diffs.
+Each notebook is a list of ("md" | "code", source) pairs. The notebooks only call qvl: every position,
+size, token count and figure comes from `qvl.*`; a cell may add small matplotlib glue or write a
+formula out by hand only to *check* qvl against it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+SETUP = r'''
+import os, sys
+from pathlib import Path
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+ASSETS = ROOT / "assets"
+FAST = os.environ.get("QVL_FAST") == "1"   # CI sets this for shorter loops
+%matplotlib inline
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from IPython.display import display
+torch.manual_seed(0)
+findings = {}   # claim -> value computed below; the closing table is checked against it
+'''
+
+# =====================================================================================================
+# 01 Vision encoder evolution
+# =====================================================================================================
+NB01 = [
+("md", r'''
+# 01 · Vision encoder evolution: 448² + resampler → native resolution + merger → window attention
+
+*Study-guide question 1: how did the vision encoder of the Qwen-VL series evolve, and what did each generation solve?*
+
+This notebook reads the three designs off **qvl's own configs and code** and measures what they cost:
+
+| generation | input | tokens given to the LLM | attention in the ViT |
+|---|---|---|---|
+| Qwen-VL (gen 1) | every image squashed to 448×448 | always 256 (a cross-attention *resampler* with 256 learned queries) | full, 48 blocks |
+| Qwen2-VL (gen 2) | "native" size, snapped to multiples of 28 px | one per 28×28 px (2×2 patches merged by an MLP) | full, 32 blocks, 2-D RoPE |
+| Qwen2.5-VL (gen 2.5) | same resize rule as gen 2 | same as gen 2 | 112-px windows in 28 blocks, full in 4 |
+
+No checkpoint is needed: everything here is configs, preprocessing and small randomly initialised towers.
+(The part where the *trained* tiny models read small text in large images arrives with those models.)
+'''),
+("code", SETUP + r'''
+from qvl import media, positions
+from qvl.config import VisionConfig
+from qvl.models import qwen_vl, qwen2_vl, qwen2_5_vl
+from qvl.viz import costs, overlays, plots
+GEN = {"1": "Qwen/Qwen-VL-Chat", "2": "Qwen2-VL-7B-Instruct", "2.5": "Qwen2.5-VL-7B-Instruct"}
+'''),
+("md", r'''
+## 1. The three towers, from the published configs
+
+`qvl.viz.costs.preset_config` returns the config of a published checkpoint; `parameter_counts` splits its
+parameters by component. Note the *reduction module*: a 92 M-parameter resampler in gen 1, a 45 M-parameter
+MLP merger in gen 2 and 2.5.
+'''),
+("code", r'''
+rows = []
+for g, name in GEN.items():
+    cfg, p = costs.preset_config(name), costs.parameter_counts(name)
+    v = cfg.vision
+    kinds = costs.vision_block_kinds(name)
+    rows.append((g, name, getattr(v, "layers", None) or v.depth, getattr(v, "width", None) or v.dim,
+                 kinds.count("full"), kinds.count("window"),
+                 p["vision tower"] / 1e6, p.get("resampler", p.get("merger")) / 1e6))
+print(f"{'gen':4} {'checkpoint':24} {'blocks':>6} {'width':>6} {'full':>5} {'window':>6} {'ViT M':>8} {'reducer M':>9}")
+for r in rows:
+    print(f"{r[0]:4} {r[1]:24} {r[2]:6} {r[3]:6} {r[4]:5} {r[5]:6} {r[6]:8.0f} {r[7]:9.1f}")
+
+g1 = costs.preset_config(GEN["1"]).vision
+g2, g25 = costs.preset_config(GEN["2"]).vision, costs.preset_config(GEN["2.5"]).vision
+assert (g1.image_size, g1.patch_size, g1.n_queries) == (448, 14, 256)
+assert costs.vision_block_kinds(GEN["2"]).count("full") == 32
+assert [i for i, k in enumerate(costs.vision_block_kinds(GEN["2.5"])) if k == "full"] == [7, 15, 23, 31]
+assert g2.spatial_merge_size == g25.spatial_merge_size == 2
+findings["gen-1 input side, queries"] = (g1.image_size, g1.n_queries)
+findings["gen-2.5 full-attention blocks"] = [i for i, k in enumerate(costs.vision_block_kinds(GEN["2.5"])) if k == "full"]
+'''),
+("md", r'''
+## 2. Gen 1: every image becomes 448×448 and 256 tokens
+
+`qvl.media.process_image_gen1` resizes to a fixed square: the aspect ratio is **not** kept. Below, a tall
+300×1800 strip as gen 1 sees it (squashed 6:1 → 1:1) and as gen 2/2.5 see it (`overlays.model_input_image`,
+which applies `smart_resize`).
+'''),
+("code", r'''
+tall = ASSETS / "tall_300x1800.png"
+x1 = media.process_image_gen1(tall)                              # [3, 448, 448], CLIP-normalised
+mean, std = torch.tensor(media.IMAGE_MEAN)[:, None, None], torch.tensor(media.IMAGE_STD)[:, None, None]
+gen1_view = (x1 * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()  # undo the normalisation, for display
+gen2_view = overlays.model_input_image(tall)
+acc = media.account(tall)
+fig, ax = plt.subplots(1, 3, figsize=(9, 4.2), gridspec_kw=dict(width_ratios=[1, 4, 1]))
+ax[0].imshow(media.load_image(tall)); ax[0].set_title(f"original\n{acc['1']['original_size'][1]}x{acc['1']['original_size'][0]}", fontsize=9)
+ax[1].imshow(gen1_view); ax[1].set_title(f"Qwen-VL input 448x448\n{acc['1']['llm_tokens']} LLM tokens", fontsize=9)
+ax[2].imshow(gen2_view); ax[2].set_title(f"Qwen2/2.5-VL input\n{gen2_view.width}x{gen2_view.height}, {acc['2']['llm_tokens']} tokens", fontsize=9)
+for a in ax: a.axis("off")
+plt.tight_layout(); plt.show()
+assert tuple(x1.shape) == (3, 448, 448)
+'''),
+("md", r'''
+The **resampler** is a single cross-attention layer: 256 learned queries attend over all ViT patches, so
+whatever the number of patches, 256 vectors come out. It also carries a fixed 2-D sin-cos position table
+(the guide's "2-D absolute position encoding in the adapter"). A tiny, randomly initialised
+`qvl.models.qwen_vl.Resampler` (16 queries instead of 256) shows the shape rule:
+'''),
+("code", r'''
+tiny = qwen_vl.Resampler(qwen_vl.VisionConfig(width=32, output_dim=128, n_queries=16)).eval()
+with torch.no_grad():
+    outs = {L: tuple(tiny(torch.randn(1, L, 32)).shape) for L in (64, 256, 1024)}
+print("patches in -> resampler output:", outs)
+print("2-D sin-cos table on the queries:", tuple(tiny.pos_embed.shape), "(n_queries, output_dim)")
+assert all(o == (1, 16, 128) for o in outs.values())
+gen1_tokens = {p.name: media.account(p)["1"]["llm_tokens"] for p in sorted(ASSETS.glob("*.png"))}
+print("gen-1 LLM tokens per asset:", gen1_tokens)
+assert set(gen1_tokens.values()) == {258}
+findings["gen-1 tokens for every image"] = 258
+'''),
+("md", r'''
+## 3. Gen 2: native resolution, 2-D RoPE, 2×2 merger
+
+Qwen2-VL resizes each image only to the nearest multiple of 28 px (inside a pixel budget, see notebook 08),
+cuts it into 14-px patches (thin yellow below), and after the ViT merges every 2×2 group of patches into one
+LLM token (thick red). The token count therefore follows the image.
+'''),
+("code", r'''
+display(overlays.patch_grid(ASSETS / "shapes_640x480.png", max_pixels=120 * 28 * 28, numbers=True))
+'''),
+("md", r'''
+Inside the ViT every patch gets a 2-D rotary position (row, col) from `qvl.positions.vision_position_ids`.
+Patches are listed **merge block by merge block** (so the four patches that the merger fuses are adjacent
+rows). Rotary embedding makes the attention score depend only on the *offset* between two patches: we check
+that numerically with qvl's `vision_rotary` / `apply_vision_rotary` (head dim 80 as in the real tower).
+'''),
+("code", r'''
+grid = (1, 4, 6)
+pos = positions.vision_position_ids([grid])
+print("first 8 patches (row, col):", pos[:8].tolist())
+assert pos[:4].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]          # one 2x2 merge block first
+
+cos, sin = qwen2_vl.vision_rotary(pos, 80)
+q, k = torch.randn(80, dtype=torch.float64), torch.randn(80, dtype=torch.float64)
+L = pos.shape[0]
+qs = qwen2_vl.apply_vision_rotary(q.float().expand(L, 1, 80), cos, sin)[:, 0].double()
+ks = qwen2_vl.apply_vision_rotary(k.float().expand(L, 1, 80), cos, sin)[:, 0].double()
+scores = qs @ ks.T
+by_offset = {}
+for i in range(L):
+    for j in range(L):
+        by_offset.setdefault(tuple((pos[i] - pos[j]).tolist()), []).append(scores[i, j].item())
+spread = max(max(v) - min(v) for v in by_offset.values())
+print(f"{len(by_offset)} distinct (drow, dcol) offsets; largest spread of scores within one offset: {spread:.2e}")
+assert spread < 1e-4          # same offset -> same score (up to float32 rounding)
+findings["2-D RoPE: score depends only on offset (spread)"] = spread
+'''),
+("md", r'''
+The merger turns L patches into L/4 tokens. A tiny random `qvl.models.qwen2_vl.VisionTransformer`
+(1 block, width 32) on the real preprocessed image shows it:
+'''),
+("code", r'''
+img = media.process_image(ASSETS / "shapes_640x480.png", max_pixels=120 * 28 * 28)
+tower = qwen2_vl.VisionTransformer(VisionConfig(depth=1, dim=32, num_heads=2, mlp_dim=64, out_dim=48)).eval()
+with torch.no_grad():
+    feats = tower(img.pixel_values, [img.grid_thw])
+print(f"grid {img.grid_thw}: {img.pixel_values.shape[0]} patches -> {feats.shape[0]} merged tokens (= image_tokens {img.image_tokens})")
+assert feats.shape[0] * 4 == img.pixel_values.shape[0] and feats.shape[0] == img.image_tokens
+'''),
+("md", r'''
+## 4. Gen 2.5: window attention
+
+Qwen2.5-VL keeps the resize rule and the merger, but most ViT blocks attend only inside **112×112 px windows**
+(4×4 merged tokens = 64 patches). Blocks 7, 15, 23 and 31 still attend over the whole image. The colours show
+the windows `qvl.positions.window_index` cuts:
+'''),
+("code", r'''
+display(overlays.draw_windows(ASSETS / "shapes_640x480.png", max_pixels=300 * 28 * 28))
+'''),
+("code", r'''
+g = media.account(ASSETS / "shapes_640x480.png", max_pixels=300 * 28 * 28)["2.5"]["grid_thw"]
+for layer in (0, 7):
+    fig = plots.attention_mask_plot(g, layer=layer, name=GEN["2.5"], max_side=300)
+    plt.show()
+c = costs.vision_costs(g, GEN["2.5"])
+print(f"{c['patches']} patches: largest window {max(c['window_segments'])} patches; "
+      f"window block computes {c['flops_window_layer'] / c['flops_full_layer']:.1%} of a full block's score FLOPs")
+assert max(c["window_segments"]) <= 64
+'''),
+("md", r'''
+## 5. Tokens and FLOPs vs resolution
+
+`qvl.viz.plots.tokens_vs_resolution_plot` draws LLM tokens per image (left) and the ViT's attention FLOPs
+(the L² terms, all blocks; right) for square images. Gen 1 is flat: it never sees more than 448 px.
+Gen 2 and 2.5 give the *same* tokens; they differ in ViT attention cost.
+'''),
+("code", r'''
+fig = plots.tokens_vs_resolution_plot(None if not FAST else [56, 224, 448, 896, 1792, 3584])
+plt.show()
+'''),
+("md", r'''
+The guide says window attention makes the cost "linear rather than quadratic". Measure it: fit the growth
+exponent of FLOPs vs number of patches L between two sizes (1792² and 3584² px, both fully windowed).
+A window block alone is linear (exponent 1); the whole 2.5 tower is not, because its 4 full-attention blocks
+stay quadratic and dominate at large L. We also show a rough estimate of the *other* FLOPs (the linear
+projections and MLPs, ≈ 2 FLOPs per ViT parameter per patch), which dominate at everyday sizes.
+'''),
+("code", r'''
+sides = [448, 896, 1792, 3584]
+table = []
+for s in sides:
+    grid = (1, s // 14, s // 14)
+    c2, c25 = costs.vision_costs(grid, GEN["2"]), costs.vision_costs(grid, GEN["2.5"])
+    dense = 2 * costs.parameter_counts(GEN["2.5"])["vision tower"] * c2["patches"]
+    table.append((s, c2["patches"], c2["patches"] // 4, c2["flops_as_configured"], c25["flops_as_configured"],
+                  c25["flops_window_layer"], dense))
+print(f"{'side':>5} {'patches':>8} {'tokens':>7} {'gen2 attn':>11} {'gen2.5 attn':>12} {'1 window blk':>13} {'dense (est)':>12}")
+for s, L, t, a2, a25, w, d in table:
+    print(f"{s:5} {L:8} {t:7} {costs.human_count(a2):>11} {costs.human_count(a25):>12} {costs.human_count(w):>13} {costs.human_count(d):>12}")
+slope = lambda a, b: np.log(b[0] / a[0]) / np.log(b[1] / a[1])
+(_, La, _, a2a, a25a, wa, _), (_, Lb, _, a2b, a25b, wb, _) = table[-2], table[-1]
+exp_full, exp_25, exp_win = slope((a2a, La), (a2b, Lb)), slope((a25a, La), (a25b, Lb)), slope((wa, La), (wb, Lb))
+ratio = a25b / a2b
+print(f"growth exponent: gen-2 tower {exp_full:.2f}, gen-2.5 tower {exp_25:.2f}, one window block {exp_win:.2f}")
+print(f"gen-2.5 / gen-2 attention FLOPs at 3584 px: {ratio:.3f} (4 full blocks of 32 = {4/32:.3f})")
+assert abs(exp_full - 2) < 1e-9 and abs(exp_win - 1) < 1e-9 and 1.9 < exp_25 < 2.0
+findings["growth exponent gen-2.5 tower"] = round(exp_25, 2)
+findings["growth exponent window block"] = round(exp_win, 2)
+findings["gen-2.5/gen-2 attention FLOPs at 3584 px"] = round(ratio, 3)
+'''),
+("code", r'''
+big = media.account(np.zeros((8000, 8000, 3), np.uint8))
+findings["max tokens gen 2/2.5 (8000x8000 image)"] = big["2"]["visual_tokens"]
+findings["gen 2 and 2.5 same tokens"] = big["2"]["visual_tokens"] == big["2.5"]["visual_tokens"]
+findings["temporal patch size gen 2 / gen 2.5"] = (g2.temporal_patch_size, g25.temporal_patch_size)
+print(findings)
+'''),
+("md", r'''
+## The guide says / the code shows
+
+| The guide says | The code shows |
+|---|---|
+| Gen 1 resizes every image to 448×448; a 256-query cross-attention adapter with 2-D absolute positions gives 256 tokens | **Right.** 448 px, 256 queries, a fixed 2-D sin-cos table on the queries; every image costs 256 + 2 (`<img>`, `</img>`) = 258 LLM tokens, and the aspect ratio is lost. |
+| Gen 2: dynamic resolution, up to 16384 visual tokens, 2×2 MLP merge, 2-D RoPE in the ViT | **Right.** An 8000×8000 image gives 16384 tokens (the `max_pixels` cap); L patches → L/4 tokens; rotary scores depend only on the (row, col) offset. |
+| Gen 2.5 supports native resolution (new) | **Not new.** Gen 2 and 2.5 share `smart_resize` and give identical token counts. |
+| Window attention makes the cost linear in sequence length | **Only per window block.** A window block grows with exponent 1.00, but the tower keeps 4 full-attention blocks (7, 15, 23, 31), so its attention FLOPs still grow with exponent 1.99 (between 1792² and 3584² px); at 3584² px they are 0.126× Qwen2-VL's (≈ 4/32). |
+| Gen 2.5 introduced 3-D patches of two frames | **Already in gen 2.** Both configs have `temporal_patch_size = 2` (see notebook 05). |
+'''),
+("code", r'''
+for k, v in findings.items():
+    print(f"{k:48} {v}")
+assert findings["gen-1 input side, queries"] == (448, 256) and findings["gen-1 tokens for every image"] == 258
+assert findings["max tokens gen 2/2.5 (8000x8000 image)"] == 16384 and findings["gen 2 and 2.5 same tokens"]
+assert findings["gen-2.5 full-attention blocks"] == [7, 15, 23, 31]
+assert findings["growth exponent window block"] == 1.0 and findings["growth exponent gen-2.5 tower"] == 1.99
+assert findings["gen-2.5/gen-2 attention FLOPs at 3584 px"] == 0.126
+assert findings["temporal patch size gen 2 / gen 2.5"] == (2, 2)
+'''),
+]
+
+# =====================================================================================================
+# 02 M-RoPE
+# =====================================================================================================
+NB02 = [
+("md", r'''
+# 02 · M-RoPE: one position scheme for text, images and video
+
+*Study-guide question 2: how does Qwen2-VL's M-RoPE handle positions of text, images and video?*
+
+Rotary position embedding (RoPE) rotates pairs of query/key channels by an angle *position × frequency*.
+M-RoPE gives every token **three** positions — time *t*, height *h*, width *w* — and splits the frequencies
+between them. This notebook
+
+1. reads off which frequencies belong to which axis (from qvl's own `mrope_cos_sin`);
+2. checks numerically that **with equal (t, h, w) M-RoPE is exactly 1-D RoPE**;
+3. shows the ids qvl assigns to text, image and video tokens (`qvl.positions.mrope_position_ids`), with
+   interactive plots;
+4. checks that attention still depends only on *relative* positions.
+'''),
+("code", SETUP + r'''
+from qvl import positions
+from qvl.config import Qwen2VLConfig
+from qvl.models import qwen2_vl, qwen_vl
+from qvl.models.layers import apply_rotary
+from qvl.viz import plots
+cfg = Qwen2VLConfig.from_name("Qwen2-VL-7B-Instruct").text
+print("head_dim", cfg.head_dim, "| rope_theta", cfg.rope_theta, "| mrope_section (t, h, w)", cfg.mrope_section)
+'''),
+("md", r'''
+## 1. Which frequencies belong to which axis
+
+A head of 128 channels has 64 rotation frequencies. `mrope_section = [16, 24, 24]` gives the first 16
+(fastest) to *t*, the next 24 to *h*, the last 24 (slowest) to *w*. We do not take that on trust: we feed
+qvl's `mrope_cos_sin` a token at position (1, 0, 0), then (0, 1, 0), then (0, 0, 1), and see which
+frequencies rotate.
+'''),
+("code", r'''
+owner = torch.full((cfg.head_dim // 2,), -1)
+for axis in range(3):
+    p = torch.zeros(3, 1, 1, dtype=torch.long); p[axis] = 1
+    _, sin = qwen2_vl.mrope_cos_sin(p, cfg, torch.float32)
+    moved = sin[0, 0, : cfg.head_dim // 2] != 0
+    owner[moved] = axis
+counts = [int((owner == a).sum()) for a in range(3)]
+fig, ax = plt.subplots(figsize=(10, 1.6))
+ax.imshow(owner[None].numpy(), cmap=plt.matplotlib.colors.ListedColormap(["#4C72B0", "#DD8452", "#55A868"]), aspect="auto")
+for a, name in enumerate("thw"):
+    idx = torch.nonzero(owner == a).flatten()
+    ax.text(idx.float().mean(), 0, f"{name}: {len(idx)} frequencies", ha="center", va="center", color="white", fontsize=10)
+ax.set_yticks([]); ax.set_xlabel("frequency index j (angle = position x theta^(-2j/128)); fast on the left, slow on the right")
+plt.tight_layout(); plt.show()
+assert counts == cfg.mrope_section and (owner >= 0).all()
+findings["frequencies per axis (t, h, w)"] = counts
+'''),
+("md", r'''
+## 2. Text: equal components = plain 1-D RoPE, exactly
+
+For text, qvl writes the same id on all three axes. Then every frequency, whichever axis owns it, sees the
+same position, so the rotation is the ordinary 1-D RoPE. Three checks:
+
+* the (t, h, w) ids of a text-only prompt are equal and count 0, 1, 2, …;
+* qvl's M-RoPE cos/sin table equals, **bit for bit**, qvl's 1-D RoPE table of gen 1 (`qwen_vl.rope_cos_sin`)
+  at the same base;
+* rotating a query with qvl (`apply_rotary`) equals a 1-D RoPE written below straight from the formula
+  (x₁' = x₁ cos θ − x₂ sin θ, x₂' = x₂ cos θ + x₁ sin θ, θ = p·base^(−2j/d), channel j paired with j + d/2), in float64.
+'''),
+("code", r'''
+T = 64 if FAST else 512
+ids = torch.randint(0, 1000, (1, T))
+pos3, _ = positions.mrope_position_ids(ids)                       # text only: no grids
+assert torch.equal(pos3[0], pos3[1]) and torch.equal(pos3[1], pos3[2]) and pos3[0, 0].tolist() == list(range(T))
+
+cos_m, sin_m = qwen2_vl.mrope_cos_sin(pos3, cfg, torch.float32)                 # [1, T, 128]
+cos_1, sin_1 = qwen_vl.rope_cos_sin(pos3[0], cfg.head_dim, cfg.rope_theta)      # [1, 1, T, 128]
+bit_exact = torch.equal(cos_m, cos_1[:, 0]) and torch.equal(sin_m, sin_1[:, 0])
+print("M-RoPE table == 1-D RoPE table, bit for bit:", bit_exact)
+
+def rope_1d_from_formula(x, p, base, d):
+    """Plain 1-D RoPE, float64, channel j paired with j + d/2."""
+    j = torch.arange(d // 2, dtype=torch.float64)
+    theta = p[:, None].double() * base ** (-2 * j / d)               # [T, d/2]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * theta.cos() - x2 * theta.sin(), x2 * theta.cos() + x1 * theta.sin()], dim=-1)
+
+q = torch.randn(T, cfg.head_dim)
+q_qvl = apply_rotary(q, cos_m[0], sin_m[0]).double()
+q_ref = rope_1d_from_formula(q.double(), pos3[0, 0], cfg.rope_theta, cfg.head_dim)
+err = (q_qvl - q_ref).abs().max().item()
+print(f"max |qvl M-RoPE - formula 1-D RoPE| over {T} positions: {err:.1e} (float32 rounding)")
+assert bit_exact and err < 1e-3 * (1 + T / 512)
+findings["text: M-RoPE table == 1-D table (bit-exact)"] = bit_exact
+findings["text: max diff vs formula"] = f"{err:.0e}"
+'''),
+("md", r'''
+A negative control: give one token *unequal* components, as an image token has, and the table is no longer
+the 1-D one — only the frequencies of the axes whose id changed move.
+'''),
+("code", r'''
+p = torch.tensor([[[5]], [[7]], [[9]]])                              # (t, h, w) = (5, 7, 9)
+_, s_m = qwen2_vl.mrope_cos_sin(p, cfg, torch.float32)
+agree = []
+for ref in (5, 7, 9):
+    _, s_1 = qwen_vl.rope_cos_sin(torch.tensor([[ref]]), cfg.head_dim, cfg.rope_theta)
+    agree.append(int((s_m[0, 0, :64] == s_1[0, 0, 0, :64]).sum()))
+    print(f"(5, 7, 9) agrees with 1-D RoPE at position {ref} on {agree[-1]} of 64 frequencies")
+assert agree == cfg.mrope_section          # each axis' own block, nothing else
+'''),
+("md", r'''
+## 3. Images: a constant t, a grid of (h, w)
+
+`qvl.viz.plots.toy_prompt` builds a prompt from parts (words are stand-in tokens) and computes its ids with
+`qvl.positions.mrope_position_ids`. An image of 4×6 patches (2×3 merged tokens) sits between two pieces of
+text. Look at what the ids do:
+
+* every image token has the **same t**, equal to where the text stopped (not 0);
+* h and w walk over rows and columns, starting from that same value;
+* the text after the image resumes at **max id + 1** — so a big image advances the ids by only its longest side.
+'''),
+("code", r'''
+toy = plots.toy_prompt(["<|im_start|> user look", ("image", (1, 4, 6)), "what is this ? <|im_end|>"])
+fig = plots.mrope_static(toy["position_ids"], toy["spans"], toy["tokens"], title="text, a 2x3-token image, text")
+plt.show()
+p, sp = toy["position_ids"], [s for s in toy["spans"] if s["type"] == "image"][0]
+img = p[:, sp["start"]:sp["end"]]
+start = p[0, sp["start"] - 1].item() + 1          # id right after <|vision_start|>
+print("image t ids:", img[0].tolist()); print("image h ids:", img[1].tolist()); print("image w ids:", img[2].tolist())
+print("first text id after the image:", p[0, sp["end"]].item(), "= max over the image + 1 =", img.max().item() + 1)
+assert (img[0] == start).all() and img[1].tolist() == [start + r for r in (0, 0, 0, 1, 1, 1)]
+assert img[2].tolist() == [start + c for c in (0, 1, 2, 0, 1, 2)] and p[0, sp["end"]].item() == img.max().item() + 1
+findings["image t id"] = f"constant = start id {start} (not 0)"
+
+big = plots.toy_prompt(["a", ("image", (1, 48, 64)), "b"])
+bsp = [s for s in big["spans"] if s["type"] == "image"][0]
+used = big["position_ids"][0, bsp["end"]].item() - big["position_ids"][0, bsp["start"]].item()  # <|vision_end|> id - image start id
+print(f"a {bsp['end'] - bsp['start']}-token (24x32) image uses {used} position ids: its longest side in tokens")
+assert bsp["end"] - bsp["start"] == 768 and used == 32
+findings["ids used by a 768-token image"] = used
+'''),
+("md", r'''
+The same ids in 3-D (drag to rotate): an image is a flat sheet at one t.
+'''),
+("code", r'''
+plots.mrope_3d_figure(toy["position_ids"], toy["spans"], toy["tokens"]).show()
+'''),
+("md", r'''
+## 4. Video: t advances per *temporal patch*, not per frame
+
+A video's pixels are cut into 3-D patches of **2 frames** × 14 × 14 (notebook 05), so a clip of 6 frames has
+3 temporal patches. Qwen2-VL's t id counts temporal patches (1, 2, 3, …). Qwen2.5-VL multiplies by time:
+t = ⌊patch index × `tokens_per_second` × seconds per patch⌋, so the id measures seconds (in units of 0.5 s
+with `tokens_per_second = 2`).
+'''),
+("code", r'''
+parts = ["<|im_start|> user", ("video", (3, 4, 4), 1.0), "what moves ? <|im_end|>"]   # 6 frames at 2 fps: 1 s per patch
+ids = {}
+for gen, tps in (("Qwen2-VL", None), ("Qwen2.5-VL", 2)):
+    v = plots.toy_prompt(parts, tokens_per_second=tps)
+    sp = [s for s in v["spans"] if s["type"] == "video"][0]
+    t = v["position_ids"][0, sp["start"]:sp["end"]]
+    ids[gen] = sorted(set((t - t[0]).tolist()))
+    print(f"{gen:10} distinct t ids of the video (relative): {ids[gen]}   tokens per id: {(t == t[0]).sum().item()}")
+assert ids["Qwen2-VL"] == [0, 1, 2] and ids["Qwen2.5-VL"] == [0, 2, 4]
+findings["video t ids, 6 frames @2 fps (gen 2 / gen 2.5)"] = (ids["Qwen2-VL"], ids["Qwen2.5-VL"])
+'''),
+("md", r'''
+An interactive view of a whole mixed prompt — text, an image, a video — with a last row for what gen 1
+(Qwen-VL, plain 1-D ids over its own token stream) does. Hover a point to see the token and its three ids.
+'''),
+("code", r'''
+mixed = plots.toy_prompt(["<|im_start|> user", ("image", (1, 4, 6)), "and", ("video", (3, 4, 4), 1.0),
+                          "compare them <|im_end|>"], tokens_per_second=2)
+g1 = plots.toy_prompt(["<|im_start|> user <img>"] + ["<imgpad>"] * 16 + ["</img> compare them <|im_end|>"])
+plots.mrope_figure(mixed["position_ids"], mixed["spans"], mixed["tokens"], gen1_ids=g1["gen1_ids"],
+                   gen1_spans=g1["spans"], gen1_tokens=g1["tokens"],
+                   title="Qwen2.5-VL M-RoPE ids (rows 1-3) vs Qwen-VL 1-D ids (row 4)").show()
+'''),
+("md", r'''
+## 5. Attention still sees relative positions
+
+RoPE's point is that q·k depends on the *difference* of positions. With M-RoPE this holds per axis: shift all
+three ids of every token by the same amount and all attention scores stay the same (up to float rounding).
+'''),
+("code", r'''
+P = mixed["position_ids"][:, None]                                   # [3, 1, T]
+Tm = P.shape[-1]
+q, k = torch.randn(Tm, cfg.head_dim), torch.randn(Tm, cfg.head_dim)
+def scores(P):
+    c, s = qwen2_vl.mrope_cos_sin(P, cfg, torch.float32)
+    return apply_rotary(q, c[0], s[0]) @ apply_rotary(k, c[0], s[0]).T
+drift = (scores(P) - scores(P + 37)).abs().max().item() / scores(P).abs().max().item()
+print(f"relative change of the score matrix after shifting every id by 37: {drift:.1e}")
+assert drift < 1e-3
+findings["scores invariant to a common shift (rel. drift)"] = f"{drift:.0e}"
+'''),
+("md", r'''
+## The guide says / the code shows
+
+| The guide says | The code shows |
+|---|---|
+| M-RoPE splits the rotary embedding into time, height and width components | **Right.** The 64 frequencies of a 128-channel head are split 16 / 24 / 24 (t fastest, w slowest). |
+| For text the three components are equal and M-RoPE is exactly 1-D RoPE | **Right, exactly.** qvl's M-RoPE table equals its 1-D RoPE table bit for bit, and matches the textbook formula to float32 rounding. |
+| For images, t is a constant "e.g. 0", h and w are the token's coordinates | **Almost.** t is constant but equals the running position where the text stopped (here 4), and h, w start from the same value. The text after an image continues at max + 1: a 768-token (24×32) image uses up only 32 ids. |
+| For video, t increases with the frame number 0, 1, 2, … | **Not per frame.** t counts temporal patches of 2 frames in Qwen2-VL (0, 1, 2 for 6 frames); Qwen2.5-VL scales by time (0, 2, 4 at 2 fps), see notebook 05. |
+| One mechanism for word order, pixel position and frame order | **Right**, and relative: shifting every id leaves the attention scores unchanged. |
+'''),
+("code", r'''
+for k, v in findings.items():
+    print(f"{k:52} {v}")
+assert findings["frequencies per axis (t, h, w)"] == [16, 24, 24]
+assert findings["text: M-RoPE table == 1-D table (bit-exact)"] is True
+assert findings["ids used by a 768-token image"] == 32
+assert findings["video t ids, 6 frames @2 fps (gen 2 / gen 2.5)"] == ([0, 1, 2], [0, 2, 4])
+'''),
+]
+
+
+NOTEBOOKS = {
+    "01_vision_encoder.ipynb": NB01,
+    "02_mrope.ipynb": NB02,
+}
+
+
+def build(cells) -> nbformat.NotebookNode:
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.metadata["language_info"] = {"name": "python"}
+    for i, (kind, src) in enumerate(cells):
+        src = src.strip("\n")
+        cell = new_markdown_cell(src) if kind == "md" else new_code_cell(src)
+        cell["id"] = f"c{i:02d}"  # stable ids keep diffs small
+        nb.cells.append(cell)
+    return nb
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    check = "--check" in argv
+    stale = []
+    for name, cells in NOTEBOOKS.items():
+        text = nbformat.writes(build(cells)) + "\n"
+        path = HERE / name
+        if check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+    if stale:
+        print("out of date (run python notebooks/_build.py):", ", ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
