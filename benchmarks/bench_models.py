@@ -330,6 +330,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="subprocesses per implementation, order alternated")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="also time qvl decode with torch.compile")
+    ap.add_argument("--impls", default="transformers,qvl", help="decode rows: transformers, qvl, qvl+compile")
     ap.add_argument("--skip", default="", help="comma list of case kinds to skip: vision,decode")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", default="", help="also write the results here")
@@ -375,12 +376,14 @@ def main():
               f"({args.new} steps) | GB/s | % of peak BW | peak MB | decode speed-up vs tf |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for gen in gens:
-            impls = [("transformers", False), ("qvl", False)] + ([("qvl", True)] if args.compile else [])
+            impls = [(name.split("+")[0], name.endswith("+compile")) for name in args.impls.split(",")]
+            if args.compile and ("qvl", True) not in impls:
+                impls.append(("qvl", True))
             rows = compare({impl + (" + compile" if comp else ""): dict(kind="decode", impl=impl, gen=gen,
                                                                         compile=comp, args=base)
                             for impl, comp in impls}, args.rounds, args.timeout)
             results["decode"].append(dict(gen=gen, **rows))
-            ref = rows["transformers"].get("decode_tok_s")
+            ref = rows.get("transformers", {}).get("decode_tok_s")
             for label, r in rows.items():
                 if "error" in r:
                     print(f"| {TEXT[gen]['name']} | | {label} | error: {r['error']} |")

@@ -338,3 +338,21 @@ def test_token_bytes_cover_the_vocabulary(tokenizer):
     assert tk.im_end_id == tokenizer.token_to_id("<|im_end|>")
     assert tk.eos_ids == [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
     assert math.isclose(len(tk), tokenizer.get_vocab_size())
+
+
+def test_capture_is_forwarded_to_prefill_and_every_decode_step(pair, tokenizer):
+    from qvl.models.qwen2_vl import Capture
+
+    gen, hf, vlm = pair
+    ids, mask, vision = _case("image", tokenizer)
+    cap = Capture(layers=[1], vision_block=0)
+    n = 5
+    out = G.generate(vlm.model, G.Batch(ids, mask, dict(vision)), n, capture=cap)
+    assert torch.equal(out, G.generate(vlm.model, G.Batch(ids, mask, dict(vision)), n))  # capture changes nothing
+    T = ids.shape[1]
+    shapes = [tuple(a.shape) for a in cap.attn[1]]
+    # prefill: all T query rows over T keys; then one row per decode step over the growing cache
+    assert shapes == [(1, 4, T, T)] + [(1, 4, 1, T + i + 1) for i in range(n - 1)]
+    assert len(cap.vision) == 1 and cap.vision[0]["block"] == 0  # the ViT ran once, at prefill
+    for a in cap.attn[1]:
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
