@@ -485,10 +485,199 @@ assert findings["video t ids, 6 frames @2 fps (gen 2 / gen 2.5)"] == ([0, 1, 2],
 '''),
 ]
 
+# =====================================================================================================
+# 04 Absolute vs normalised coordinates
+# =====================================================================================================
+NB04 = [
+("md", r"""
+# 04 · Absolute vs normalised coordinates in grounding
+
+*Study-guide question 4: what does Qwen2.5-VL gain by writing boxes in absolute pixel coordinates instead of
+normalised ones?*
+
+Each generation writes a box differently (`qvl.grounding`):
+
+| generation | text the model writes | the numbers are … |
+|---|---|---|
+| Qwen-VL | `<ref>dog</ref><box>(x1,y1),(x2,y2)</box>` | integers on a 0–1000 grid of the **original** image |
+| Qwen2-VL | `<\|object_ref_start\|>dog<\|object_ref_end\|><\|box_start\|>(x1,y1),(x2,y2)<\|box_end\|>` | the same 0–1000 grid |
+| Qwen2.5-VL | `{"bbox_2d": [x1, y1, x2, y2], "label": "dog"}` | pixels of the **resized model input** (after `smart_resize`) |
+
+The numbers mean nothing without their convention. This notebook draws one prediction under the three
+readings a user might apply, measures the rescaling mistakes people make, and checks the guide's claims.
+(The trained tiny models' own grounding arrives with those models.)
+"""),
+("code", SETUP + r"""
+from qvl import grounding, media
+from qvl.grounding import Box, Point
+from qvl.data import SceneConfig, make_scene, render
+from qvl.data.tasks import iou
+from qvl.viz import overlays
+MAXP = 640 * 28 * 28          # a common serving budget (qvl's training data uses it too)
+scene = make_scene(7, SceneConfig(min_side=1100, max_side=1500, large_prob=0.0, min_objects=3, max_objects=4, text_prob=0))
+image = render(scene)
+orig = scene.size                                                    # (h, w)
+resized = media.account(image, max_pixels=MAXP)["2.5"]["resized_size"]
+print(f"original {orig[1]}x{orig[0]} px -> model input {resized[1]}x{resized[0]} px (max_pixels = 640 tokens)")
+"""),
+("md", r"""
+## 1. One box, three conventions
+
+The ground-truth box of one shape (original pixels), written as each generation would write it
+(`grounding.format_box`):
+"""),
+("code", r"""
+shape = scene.shapes[0]
+truth = Box(*shape.box, label="truth")
+for g in ("1", "2", "2.5"):
+    print(f"gen {g:3}: {grounding.format_box(Box(*shape.box, label=shape.name), g, orig, resized)}")
+nums = grounding.from_original(truth, "2.5", orig, resized)          # what Qwen2.5-VL writes
+print("\nQwen2.5-VL numbers:", nums)
+"""),
+("md", r"""
+## 2. The same prediction under three readings
+
+Take the numbers Qwen2.5-VL wrote and read them three ways:
+
+* **resized-absolute** (correct for 2.5): pixels of the resized input, scaled back by original/resized;
+* **0–1000** (the gen 1/2 habit): divide by 1000, multiply by the original size;
+* **original pixels** (the most common bug): use the numbers as they are.
+"""),
+("code", r"""
+item = ("prediction", "box", tuple(float(v) for v in nums))
+readings = {
+    "resized-absolute (right for 2.5)": grounding.to_original(item, "2.5", orig, resized),
+    "0-1000 grid (gen 1/2 reading)": grounding.to_original(item, "2", orig),
+    "original pixels (common bug)": grounding.to_original(item, "2.5", orig, resized_size=orig),
+}
+fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))
+scores = {}
+for ax, (name, box) in zip(axes, readings.items()):
+    scores[name] = iou(box.xyxy, truth.xyxy)
+    ax.imshow(overlays.draw_grounding(image, [truth, box], caption=False, width=6))
+    ax.set_title(f"{name}\nIoU with the truth = {scores[name]:.2f}", fontsize=10)
+    ax.axis("off")
+plt.suptitle("One Qwen2.5-VL box (orange = truth, blue = the reading)", fontsize=11, y=1.04)
+plt.tight_layout(); plt.show()
+for k, v in scores.items():
+    print(f"{k:34} IoU {v:.3f}")
+assert scores["resized-absolute (right for 2.5)"] > 0.98
+assert scores["0-1000 grid (gen 1/2 reading)"] < 0.5 and scores["original pixels (common bug)"] < 0.5
+findings["IoU, 2.5 box read as original pixels (this scene)"] = round(scores["original pixels (common bug)"], 2)
+findings["IoU, 2.5 box read correctly"] = round(scores["resized-absolute (right for 2.5)"], 2)
+"""),
+("md", r"""
+## 3. The rescaling pitfall grows with the resize
+
+Reading a 2.5 box as original pixels is *almost* right when the image already fits the pixel budget (the
+resize only snaps sides to multiples of 28), which is why the bug goes unnoticed on small test images and
+bites on photos. The curve: a box covering the central quarter of a 4:3 image, written by
+`from_original` and misread as original pixels, for three `max_pixels` settings.
+"""),
+("code", r"""
+sides = np.geomspace(200, 6000, 12 if FAST else 40).astype(int)
+budgets = {"default (16384 tokens)": media.MAX_PIXELS, "1280 tokens": 1280 * 28 * 28, "256 tokens": 256 * 28 * 28}
+fig, ax = plt.subplots(figsize=(8, 4))
+curves = {}
+for label, mp in budgets.items():
+    vals = []
+    for s in sides:
+        o = (int(s * 3 / 4), int(s))
+        r = media.smart_resize(*o, max_pixels=mp)
+        b = Box(o[1] / 4, o[0] / 4, 3 * o[1] / 4, 3 * o[0] / 4)
+        n = grounding.from_original(b, "2.5", o, r)
+        vals.append(iou(grounding.to_original(("", "box", n), "2.5", o, resized_size=o).xyxy, b.xyxy))
+    curves[label] = vals
+    ax.plot(sides, vals, "o-", ms=3, label=f"max_pixels = {label}")
+ax.set_xscale("log"); ax.set_xlabel("image width (px, 4:3 image)"); ax.set_ylabel("IoU of the misread box")
+ax.set_title("A Qwen2.5-VL box read as original pixels", fontsize=10); ax.grid(alpha=0.3, which="both"); ax.legend(fontsize=8)
+plt.tight_layout(); plt.show()
+findings["IoU of the misread box, 6000 px photo, default budget"] = round(curves["default (16384 tokens)"][-1], 2)
+print(findings)
+"""),
+("md", r"""
+Other pitfalls, each checked:
+
+1. **Reading `bbox_2d` as `[x, y, width, height]`** (the guide's wording). The four numbers are two corners.
+2. **Forgetting the resized size.** qvl refuses to convert a 2.5 box without it rather than guess.
+3. **Mixing the generations' rounding**: the 0–1000 grid has a step of width/1000 original pixels; the 2.5
+   grid a step of original/resized pixels, finer whenever the input keeps more than 1000 px per side.
+"""),
+("code", r"""
+x1, y1, x2, y2 = nums
+as_xywh = Box(x1, y1, x1 + x2, y1 + y2)                                       # the guide's reading, in resized px
+right = grounding.to_original(item, "2.5", orig, resized)
+sx, sy = orig[1] / resized[1], orig[0] / resized[0]
+wrong = Box(as_xywh.x1 * sx, as_xywh.y1 * sy, min(as_xywh.x2 * sx, orig[1]), min(as_xywh.y2 * sy, orig[0]))
+iou_xywh = iou(wrong.xyxy, truth.xyxy)
+print(f"bbox_2d read as [x, y, w, h]: IoU {iou_xywh:.2f}")
+parsed = grounding.parse('```json\n[{"bbox_2d": [960, 540, 100, 50], "label": "guide example"}]\n```', "2.5",
+                         original_size=(1080, 1920), resized_size=(1092, 1932))
+print("the guide's example [960, 540, 100, 50] parsed as corners (sorted):", [round(v) for v in parsed[0].xyxy])
+assert iou_xywh < 0.5
+
+try:
+    grounding.to_original(item, "2.5", orig)
+    refused = False
+except ValueError as e:
+    refused = True
+    print("without resized_size:", e)
+assert refused
+findings["2.5 box without resized size"] = "ValueError"
+
+big = (3000, 4000)
+r_big = media.smart_resize(*big)
+b = Box(1234.0, 567.0, 2345.0, 1789.0)
+err = {}
+for g in ("2", "2.5"):
+    back = grounding.to_original(("", "box", grounding.from_original(b, g, big, r_big)), g, big, r_big)
+    err[g] = max(abs(u - v) for u, v in zip(back.xyxy, b.xyxy))
+print(f"4000x3000 photo, round-trip error: 0-1000 grid {err['2']:.1f} px, 2.5 absolute {err['2.5']:.1f} px")
+assert err["2.5"] < err["2"]
+findings["round-trip error 4000x3000 (gen 2 / gen 2.5, px)"] = (round(err["2"], 1), round(err["2.5"], 1))
+"""),
+("md", r"""
+Finally the guide's scale argument: a point in the middle of a 1920×1080 screenshot and in the middle of a
+224×224 icon get the same 0–1000 coordinates but different absolute ones.
+"""),
+("code", r"""
+pts = {}
+for size in ((1080, 1920), (224, 224)):
+    r = media.smart_resize(*size)
+    c = Point(size[1] / 2, size[0] / 2)
+    pts[size] = (grounding.from_original(Box(c.x, c.y, c.x, c.y), "2", size)[:2], grounding.from_original(c, "2.5", size, r))
+    print(f"centre of {size[1]}x{size[0]}: gen 2 {pts[size][0]}, gen 2.5 {pts[size][1]} (resized input {r[1]}x{r[0]})")
+assert pts[(1080, 1920)][0] == pts[(224, 224)][0] and pts[(1080, 1920)][1] != pts[(224, 224)][1]
+findings["centre point 1920x1080 vs 224x224 (gen 2.5)"] = (pts[(1080, 1920)][1], pts[(224, 224)][1])
+"""),
+("md", r"""
+## The guide says / the code shows
+
+| The guide says | The code shows |
+|---|---|
+| Normalised coordinates divide by width/height into 0–1 | Qwen-VL and Qwen2-VL write **integers on a 0–1000 grid** of the original image. |
+| Qwen2.5-VL writes absolute boxes as `[x, y, width, height]` | **Wrong.** `bbox_2d` is `[x1, y1, x2, y2]` (two corners); reading it as x, y, w, h gives IoU 0.20 here, and the guide's own example `[960, 540, 100, 50]` is not a valid corner pair. |
+| Absolute means "the image's real width and height" | **Pixels of the resized model input**, not of the original: here 1374×1459 → 672×728 (max_pixels = 640 tokens). |
+| No need to guess the scaling; simpler pre-processing | **The opposite for users**: the box can only be mapped back with the resized size (qvl raises without it). Read as original pixels, this scene's box lands on another part of the image (IoU 0.00, the correct reading 0.99); on a 6000-px photo at the *default* budget the misread box still has IoU only 0.23. |
+| Same normalised point, different physical scale (1920×1080 vs 224×224) | **Right.** Centre → (500, 500) in both for gen 2; (966, 546) vs (112, 112) for gen 2.5. Absolute coordinates are also finer on large images: round-trip error 2.0 px vs 0.4 px on a 4000×3000 photo. |
+"""),
+("code", r"""
+for k, v in findings.items():
+    print(f"{k:52} {v}")
+assert resized == (728, 672) and orig == (1459, 1374)
+assert findings["IoU, 2.5 box read as original pixels (this scene)"] == 0.0 and findings["IoU, 2.5 box read correctly"] == 0.99
+assert findings["IoU of the misread box, 6000 px photo, default budget"] == 0.23
+assert findings["centre point 1920x1080 vs 224x224 (gen 2.5)"] == ((966, 546), (112, 112))
+assert findings["round-trip error 4000x3000 (gen 2 / gen 2.5, px)"] == (2.0, 0.4)
+assert round(iou_xywh, 2) == 0.20
+"""),
+]
+
 
 NOTEBOOKS = {
     "01_vision_encoder.ipynb": NB01,
     "02_mrope.ipynb": NB02,
+    "04_coordinates.ipynb": NB04,
 }
 
 
