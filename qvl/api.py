@@ -219,8 +219,9 @@ class VLM:
     def stream(self, messages, max_new_tokens: int = 512, **kwargs) -> Iterator[str]:
         """Text pieces of the reply to one conversation, as they are generated (whole characters only)."""
         batch = self.prepare(messages)
-        with torch.inference_mode():
-            yield from stream(self.model, batch, self.tokenizer, max_new_tokens, **self._gen_kwargs(kwargs))
+        # no `with` block here: a context manager around a yield would stay active in the caller's
+        # code between pieces; `qvl.generate.stream` disables grad per step instead.
+        yield from stream(self.model, batch, self.tokenizer, max_new_tokens, **self._gen_kwargs(kwargs))
 
 
 def _is_batch(messages) -> bool:

@@ -237,3 +237,12 @@ def test_gen1_tiny_model_accepts_a_path_longer_than_its_slots(gen1, tmp_path):
     assert tok.image_paths(batch.input_ids[0].tolist()) == ["image-1"]
     assert batch.media[0].original_size == (60, 80)
     assert isinstance(vlm.chat(messages, max_new_tokens=4), str)
+
+
+def test_stream_does_not_leak_no_grad_into_the_caller(pair):
+    gen, hf, vlm = pair
+    n = 0
+    for _ in vlm.stream([{"role": "user", "content": "hi"}], max_new_tokens=16):
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        n += 1
+    assert n > 0
