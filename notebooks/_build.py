@@ -673,11 +673,193 @@ assert round(iou_xywh, 2) == 0.20
 """),
 ]
 
+# =====================================================================================================
+# 05 Dynamic FPS and 3-D patches
+# =====================================================================================================
+NB05 = [
+("md", r"""
+# 05 · Dynamic FPS sampling and 3-D patches
+
+*Study-guide question 5: how do dynamic-FPS sampling and 3-D patches work together for video?*
+
+A video reaches the model in four steps, all in `qvl.media` (the qwen-vl-utils 0.0.14 rules):
+
+1. **choose frames** (`sample_frame_indices`): a target rate (2 fps by default), clamped to 4…768 frames;
+2. **choose a frame size** (`video_pixel_bounds` + `smart_resize`): the more frames, the fewer pixels each;
+3. **cut 3-D patches** (`process_video`): 2 consecutive frames × 14 × 14 px → one ViT patch;
+4. **give time ids** (`qvl.positions.mrope_position_ids`): Qwen2.5-VL turns the patch index into seconds.
+
+We measure each step against the guide.
+"""),
+("code", SETUP + r"""
+from qvl import media
+from qvl.config import Qwen2VLConfig
+from qvl.models import qwen2_vl
+from qvl.viz import overlays, plots
+CLIP = ASSETS / "motion_4s_8fps.mp4"
+"""),
+("md", r"""
+## 1. Frames chosen vs duration and requested fps
+
+For a 30 fps source of growing length, how many frames does `sample_frame_indices` keep, and at what
+effective rate? (Vertical line: 384 s, where 2 fps hits the 768-frame cap.)
+"""),
+("code", r"""
+durations = np.geomspace(0.5, 7200, 25 if FAST else 80)
+fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+for f in (0.5, 1.0, 2.0, 4.0):
+    n = [len(media.sample_frame_indices(int(d * 30), 30.0, fps=f)) for d in durations]
+    a.plot(durations, n, label=f"fps={f:g}")
+    b.plot(durations, np.array(n) / durations, label=f"fps={f:g}")
+for ax in (a, b):
+    ax.set_xscale("log"); ax.set_yscale("log"); ax.set_xlabel("video length (s)"); ax.grid(alpha=0.3, which="both")
+    ax.axvline(384, color="0.4", ls=":", lw=1); ax.legend(fontsize=8)
+a.set_ylabel("frames sampled"); b.set_ylabel("effective frames per second")
+a.set_title("frames kept (4 ... 768)", fontsize=10); b.set_title("effective sampling rate", fontsize=10)
+plt.tight_layout(); plt.show()
+
+def frames_at(seconds, fps=2.0):
+    return len(media.sample_frame_indices(int(seconds * 30), 30.0, fps=fps))
+rows = {s: (frames_at(s), frames_at(s) / s) for s in (1, 10, 60, 384, 1536, 3600)}
+for s, (n, r) in rows.items():
+    print(f"{s:5} s -> {n:4} frames, {r:.3f} fps")
+assert rows[1][0] == 4 and rows[10][0] == 20 and rows[3600][0] == 768 and abs(rows[1536][1] - 0.5) < 1e-9
+findings["effective fps at 1 s / 10 s / 1 h"] = (rows[1][1], rows[10][1], round(rows[3600][1], 3))
+findings["length where the rate drops below 2 fps"] = "384 s (768 frames)"
+"""),
+("md", r"""
+## 2. Frame size and tokens vs video length
+
+`video_pixel_bounds` gives each frame at most `min(768 tokens, total_pixels × 2 / frames)` worth of pixels
+(and at least 128 tokens). We compose the qvl functions for a 1280×720 source and check the composition
+against `media.account` on the real clip first.
+"""),
+("code", r"""
+def video_tokens(seconds, h0=720, w0=1280, src_fps=30.0):
+    n = len(media.sample_frame_indices(int(seconds * src_fps), src_fps))
+    n += n % 2
+    lo, hi = media.video_pixel_bounds(n)
+    h, w = media.smart_resize(h0, w0, 28, lo, hi)
+    return n, (h, w), n // 2 * (h // 28) * (w // 28)
+
+acc = media.account(CLIP)["2.5"]
+t_acc = video_tokens(acc["total_frames"] / acc["video_fps"], *acc["original_size"], acc["video_fps"])
+print("account():", acc["frames"], "frames,", acc["resized_size"], acc["visual_tokens"], "tokens | composed:", t_acc)
+assert (t_acc[0], t_acc[1], t_acc[2]) == (acc["frames"], acc["resized_size"], acc["visual_tokens"])
+
+secs = np.geomspace(2, 7200, 20 if FAST else 60)
+vals = [video_tokens(s) for s in secs]
+fig, ax = plt.subplots(figsize=(8, 4))
+ax.plot(secs, [v[2] for v in vals], label="LLM tokens for the whole video")
+ax.plot(secs, [v[2] / (v[0] // 2) for v in vals], label="tokens per temporal patch (2 frames)")
+cap = media.VIDEO_TOTAL_PIXELS // 28**2
+ax.axhline(cap, color="0.4", ls=":", lw=1); ax.text(2.2, cap * 1.1, f"total_pixels cap = {cap:,} tokens", fontsize=8)
+ax.set_xscale("log"); ax.set_yscale("log"); ax.set_xlabel("video length (s), 1280x720 source"); ax.grid(alpha=0.3, which="both")
+ax.legend(fontsize=8); ax.set_title("Frames and frame size trade off under one budget", fontsize=10)
+plt.tight_layout(); plt.show()
+most = max(v[2] for v in vals)
+print(f"most tokens over all lengths: {most:,} (cap {cap:,}); one hour: {video_tokens(3600)}")
+assert most <= cap
+findings["max video tokens (total_pixels cap)"] = cap
+"""),
+("md", r"""
+## 3. 3-D patches: two frames per patch
+
+The 4-second, 8 fps test clip sampled at 2 fps gives 8 frames → 4 temporal patches. `overlays.frame_strip`
+shows the pairs; each pair is one set of ViT patches of 2 × 14 × 14 pixels (the time id is Qwen2.5-VL's,
+see section 4).
+"""),
+("code", r"""
+v = media.process_video(CLIP)
+t, h, w = v.grid_thw
+tids = plots.video_time_ids(t, v.sampled_fps, 2)
+display(overlays.frame_strip(overlays.video_frames(v), v.timestamps, frame_indices=v.frame_indices, time_ids=tids))
+rows = v.pixel_values.view(t * h * w, 3, 2, 14 * 14)               # columns are (channel, frame in patch, pixel)
+moving = (rows[:, :, 0] - rows[:, :, 1]).abs().amax().item()
+still = media.process_image(ASSETS / "shapes_640x480.png").pixel_values.view(-1, 3, 2, 196)
+print(f"{len(v.frame_indices)} frames -> grid_thw {v.grid_thw}: {t * h * w} patches of {v.pixel_values.shape[1]} values = 3 x 2 x 14 x 14")
+print(f"largest difference between the two frames of a patch: video {moving:.2f}, still image {(still[:, :, 0] - still[:, :, 1]).abs().max().item():.2f}")
+assert t == len(v.frame_indices) // 2 and v.pixel_values.shape[1] == 3 * 2 * 14 * 14
+assert moving > 0 and torch.equal(still[:, :, 0], still[:, :, 1])     # an image is its own frame twice
+"""),
+("md", r"""
+So a still image is also a "video" of one temporal patch holding the same frame twice. Two facts the guide
+gets partly wrong:
+
+* the saving is exactly **half** the tokens of encoding each frame as an image — in the *time* direction;
+  the 4× reduction in height × width comes from the merger, not from the 3-D patch;
+* Qwen2-VL already did this: its config and patch embedding take the same 2-frame patches.
+"""),
+("code", r"""
+per_frame_as_images = len(v.frame_indices) * (h * w // 4)
+print(f"as {len(v.frame_indices)} separate images: {per_frame_as_images} tokens; with 3-D patches: {v.video_tokens} tokens")
+assert v.video_tokens * 2 == per_frame_as_images
+gen2 = Qwen2VLConfig.from_name("Qwen2-VL-7B-Instruct").vision
+embed = qwen2_vl.PatchEmbed(gen2)
+print("Qwen2-VL temporal_patch_size:", gen2.temporal_patch_size, "| patch embedding input features:", embed.proj.in_features)
+assert gen2.temporal_patch_size == 2 and embed.proj.in_features == 1176
+findings["3-D patch token saving"] = v.video_tokens / per_frame_as_images
+findings["Qwen2-VL temporal patch size"] = gen2.temporal_patch_size
+"""),
+("md", r"""
+## 4. Absolute-time ids
+
+Qwen2-VL's t id is the temporal patch index, so one id means 1 s at 2 fps but 0.25 s at 8 fps. Qwen2.5-VL
+computes t = ⌊index × `tokens_per_second` × seconds per patch⌋ with `tokens_per_second = 2`: **one id is
+always 0.5 s**, whatever the sampling rate (right panel: all rates on one line).
+"""),
+("code", r"""
+fig = plots.time_ids_plot(fps_list=(0.5, 1.0, 2.0, 3.0, 4.0, 8.0), duration_s=8.0)
+plt.show()
+"""),
+("md", r"""
+The price of a fixed 0.5-s unit: a temporal patch lasts 2/fps seconds, i.e. 4/fps ids. Above 2 fps the step
+drops below 2 and, being floored, becomes **uneven** (3 fps: 1, 1, 2, …); above 4 fps it drops below 1 and
+**neighbouring patches share a time id**.
+"""),
+("code", r"""
+same_second, shared = {}, {}
+for f in (0.5, 1.0, 2.0, 3.0, 4.0, 8.0):
+    n = int(8 * f / 2)
+    ids25, ids2 = plots.video_time_ids(n, f, 2), plots.video_time_ids(n, f, None)
+    steps = sorted(set(np.diff(ids25).tolist()))
+    shared[f] = n - len(set(ids25))
+    same_second[f] = ids25[int(round(f / 2 * 4))] if n > f / 2 * 4 else None   # the patch starting at 4.0 s
+    print(f"{f:3g} fps: {n:2} patches, Qwen2.5 id steps {steps}, patches sharing an id {shared[f]:2}, "
+          f"id at 4 s = {same_second[f]}, Qwen2-VL id at 4 s = {ids2[int(round(f / 2 * 4))] if same_second[f] is not None else None}")
+assert {same_second[f] for f in (0.5, 1.0, 2.0, 4.0, 8.0)} == {8}
+assert shared[2.0] == shared[4.0] == 0 and shared[8.0] > 0
+findings["2.5 time id of second 4 at any fps"] = 8
+findings["patches sharing an id at 8 fps (8 s clip)"] = shared[8.0]
+"""),
+("md", r"""
+## The guide says / the code shows
+
+| The guide says | The code shows |
+|---|---|
+| Dynamic FPS: long videos get a low rate (e.g. 0.5 fps), short ones a high rate (2 fps) | **A fixed 2 fps target, clamped to 4…768 frames.** The rate falls only past 384 s (0.5 fps at 1536 s, 0.213 fps at one hour); clips under 2 s get *more* than 2 fps (1 s → 4 frames = 4 fps). |
+| This keeps the total number of frames controllable | **Right, and the frame size shrinks too:** `total_pixels` caps a whole video at 115,200 LLM tokens. |
+| 3-D patches join two consecutive frames and halve the sequence | **Right:** exactly half (0.5) of encoding every frame as an image. |
+| 3-D patches are Qwen2.5-VL's innovation | **Already in Qwen2-VL:** `temporal_patch_size = 2`, 1176 = 3 × 2 × 14 × 14 inputs per patch. |
+| 3-D patches compress the H×W dimension | **No:** they compress time; the 2×2 merger compresses H×W. |
+| (Q7) time is given as `<video t=1.5s>` text | **No text:** Qwen2.5-VL puts absolute time in the t position id (0.5 s per id: second 4 has id 8 at every fps); above 4 fps neighbouring patches share ids (16 of 32 patches at 8 fps over 8 s: every pair). |
+"""),
+("code", r"""
+for k, val in findings.items():
+    print(f"{k:48} {val}")
+assert findings["effective fps at 1 s / 10 s / 1 h"] == (4.0, 2.0, 0.213)
+assert findings["max video tokens (total_pixels cap)"] == 115200
+assert findings["3-D patch token saving"] == 0.5 and findings["Qwen2-VL temporal patch size"] == 2
+assert findings["2.5 time id of second 4 at any fps"] == 8 and findings["patches sharing an id at 8 fps (8 s clip)"] == 16
+"""),
+]
+
 
 NOTEBOOKS = {
     "01_vision_encoder.ipynb": NB01,
     "02_mrope.ipynb": NB02,
     "04_coordinates.ipynb": NB04,
+    "05_dynamic_fps_3d_patches.ipynb": NB05,
 }
 
 
