@@ -854,12 +854,349 @@ assert findings["2.5 time id of second 4 at any fps"] == 8 and findings["patches
 """),
 ]
 
+# =====================================================================================================
+# 07 Unified serialisation
+# =====================================================================================================
+NB07 = [
+("md", r"""
+# 07 · Unified serialisation: one conversation, one token stream
+
+*Study-guide question 7: how does the Qwen-VL series serialise images, video and text into one sequence?*
+
+We take **one interleaved conversation** — a system turn, a user turn with text, an image, more text and a
+video, an answer, and a follow-up — and build the token stream each generation feeds its LLM:
+
+* `qvl.chat.render_qwen2` / `render_qwen_vl` write the prompt text (chat template);
+* `qvl.media` decides how many tokens each image/video gets, `qvl.chat.expand_pads` writes that many placeholders;
+* a tokenizer turns the text into ids. The real vocabularies are not shipped, so we train **tiny** ones with
+  `qvl.data.tokenizer` (the Qwen2 special tokens and the gen-1 image slots behave exactly as in the released
+  files; ordinary words just split into other pieces);
+* `qvl.viz.plots.token_stream_plot` colours the stream by modality and names every special token.
+"""),
+("code", SETUP + r"""
+from qvl import chat, media, positions
+from qvl.config import Qwen2VLConfig, TextConfig, VisionConfig
+from qvl.data import SceneConfig, frames, make_clip, make_scene, render
+from qvl.data import tokenizer as data_tokenizer
+from qvl.models.qwen2_vl import Qwen2VL
+from qvl.tokenizer import Tokenizer
+from qvl.tokenizer_qwen_vl import QwenVLTokenizer, train_bpe
+from qvl.viz import plots
+
+picture = render(make_scene(3, SceneConfig(max_objects=3, text_prob=0)))
+clip = make_clip(5)
+idx = media.sample_frame_indices(clip.n_frames, clip.fps)            # 2 fps
+clip_frames = frames(clip, idx)
+clip_fps = len(idx) / clip.n_frames * clip.fps
+messages = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": [
+        {"type": "text", "text": "Look at this picture:"},
+        {"type": "image", "image": picture, "max_pixels": 64 * 28 * 28},
+        {"type": "text", "text": "and this clip:"},
+        {"type": "video", "video": clip_frames, "fps": clip_fps, "min_pixels": 16 * 28 * 28, "max_pixels": 32 * 28 * 28},
+        {"type": "text", "text": "What moves?"}]},
+    {"role": "assistant", "content": "A shape moves to the right."},
+    {"role": "user", "content": "When does it appear?"},
+]
+"""),
+("md", r"""
+## 1. Qwen2-VL / Qwen2.5-VL: the template, then the placeholders
+
+The chat template writes **one** `<|image_pad|>` / `<|video_pad|>` per item, wrapped in
+`<|vision_start|>` … `<|vision_end|>`:
+"""),
+("code", r"""
+text = chat.render_qwen2(messages)
+print(text)
+"""),
+("md", r"""
+`qvl.media` decides the item sizes; `expand_pads` repeats each pad t·h·w/4 times (one per merged token):
+"""),
+("code", r"""
+im = media.process_image(picture, max_pixels=64 * 28 * 28)
+vid = media.process_video(clip_frames, fps=clip_fps, min_pixels=16 * 28 * 28, max_pixels=32 * 28 * 28)
+print(f"image: grid {im.grid_thw} -> {im.image_tokens} tokens | video: {len(vid.frame_indices)} frames, grid {vid.grid_thw} -> {vid.video_tokens} tokens")
+expanded = chat.expand_pads(text, [im.image_tokens], [vid.video_tokens])
+
+tk = Tokenizer(data_tokenizer.train_tokenizer(data_tokenizer.corpus(60 if FAST else 300), 600))
+ids = tk.encode(expanded)
+tokens = [tk.token_bytes(i).decode("utf-8", "replace") for i in ids]
+spans = chat.modality_spans(ids, image_token_id=tk.image_pad_id, video_token_id=tk.video_pad_id,
+                            image_tokens=[im.image_tokens], video_tokens=[vid.video_tokens])
+fig = plots.token_stream_plot(tokens, spans, title=f"Qwen2-VL / Qwen2.5-VL token stream: {len(ids)} tokens")
+plt.show()
+"""),
+("md", r"""
+Check the guide's description against this stream: each visual item sits between exactly one
+`<|vision_start|>` and one `<|vision_end|>`; the video is **one** block, not one block per frame, and no
+timestamp text appears anywhere.
+"""),
+("code", r"""
+n_start, n_end = ids.count(tk.vision_start_id), ids.count(tk.vision_end_id)
+for s_ in spans:
+    if s_["type"] != "text":
+        before, after = tokens[s_["start"] - 1], tokens[s_["end"]]
+        print(f"{s_['type']} {s_['index']}: {s_['end'] - s_['start']} pads between {before} and {after}")
+        assert (before, after) == ("<|vision_start|>", "<|vision_end|>")
+print(f"<|vision_start|> count {n_start} for 2 media items ({len(vid.frame_indices)} video frames)")
+assert n_start == n_end == 2
+assert "t=" not in expanded and "seconds" not in expanded
+findings["vision_start blocks for 1 image + 1 video"] = n_start
+findings["timestamp text in the stream"] = "t=" in expanded
+"""),
+("md", r"""
+Where is time, then? In the positions. The M-RoPE ids of the same stream (`qvl.positions.mrope_position_ids`
+with Qwen2.5-VL's `tokens_per_second = 2`): the video's t id climbs with its timestamps, in 0.5-s steps.
+"""),
+("code", r"""
+pos, _ = positions.mrope_position_ids(torch.tensor([ids]), [im.grid_thw], [vid.grid_thw],
+                                      second_per_grid_ts=[vid.second_per_grid_t], tokens_per_second=2,
+                                      image_token_id=tk.image_pad_id, video_token_id=tk.video_pad_id)
+fig = plots.mrope_static(pos, spans, tokens, title="M-RoPE ids of the stream above (Qwen2.5-VL)")
+plt.show()
+vs = [s_ for s_ in spans if s_["type"] == "video"][0]
+t_ids = pos[0, 0, vs["start"]:vs["end"]]
+per_patch = t_ids.view(vid.grid_thw[0], -1)[:, 0] - t_ids[0]
+print("video t id per temporal patch:", per_patch.tolist(), "| patch start times (s):", vid.timestamps[::2])
+assert per_patch.tolist() == [int(2 * ts) for ts in np.array(vid.timestamps[::2]) - vid.timestamps[0]]
+findings["video time carried by"] = "M-RoPE t ids (0.5 s per id)"
+"""),
+("md", r"""
+And the features? The LLM never sees pixels: `model.embed` looks up the ordinary embedding of every token,
+then overwrites the placeholder rows with the vision tower's output, in order. A tiny randomly initialised
+`Qwen2VL` (vocabulary of the tiny tokenizer) shows it: text rows equal the embedding table, placeholder rows
+do not.
+"""),
+("code", r"""
+cfg = Qwen2VLConfig(generation="2.5",
+                    text=TextConfig(vocab_size=len(tk), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, mrope_section=[2, 3, 3]),
+                    vision=VisionConfig(depth=1, dim=32, num_heads=2, mlp_dim=64, out_dim=32, hidden_act="silu",
+                                        fullatt_block_indexes=[0], tokens_per_second=2),
+                    image_token_id=tk.image_pad_id, video_token_id=tk.video_pad_id,
+                    vision_start_token_id=tk.vision_start_id, vision_end_token_id=tk.vision_end_id)
+model = Qwen2VL(cfg).eval()
+x = torch.tensor([ids])
+with torch.no_grad():
+    e = model.embed(x, pixel_values=im.pixel_values, image_grid_thw=[im.grid_thw],
+                    pixel_values_videos=vid.pixel_values, video_grid_thw=[vid.grid_thw])
+    table = model.model.embed_tokens(x)
+visual = (x == tk.image_pad_id) | (x == tk.video_pad_id)
+same = (e == table).all(-1)
+print(f"{int(visual.sum())} placeholder rows replaced: {bool((~same[visual]).all())}; {int((~visual).sum())} text rows unchanged: {bool(same[~visual].all())}")
+assert (~same[visual]).all() and same[~visual].all()
+"""),
+("md", r"""
+## 2. Qwen-VL (gen 1): `<img>path</img>` and 256 slots
+
+Gen 1's template writes `Picture 1: <img>…</img>` with the image's *path* inside; its tokenizer turns the tag
+into 256 slots (path bytes, then `<imgpad>`), whose embeddings the resampler's 256 outputs replace. Gen 1 has
+no video input, so its version of the conversation drops the clip (`render_qwen_vl` refuses a video).
+"""),
+("code", r"""
+try:
+    chat.render_qwen_vl(messages)
+    video_ok = True
+except ValueError as e:
+    video_ok = False
+    print("gen 1 with a video:", e)
+assert not video_ok
+msgs1 = [dict(m) for m in messages]
+msgs1[1] = {"role": "user", "content": [c for c in messages[1]["content"] if c["type"] != "video"]}
+text1 = chat.render_qwen_vl(msgs1)
+print(text1)
+g1 = QwenVLTokenizer(train_bpe(data_tokenizer.gen1_corpus(60 if FAST else 300), 400))
+ids1 = g1.encode(text1)
+a, b = ids1.index(g1.img_start_id), ids1.index(g1.img_end_id)
+spans1 = [{"type": "text", "index": None, "start": 0, "end": a + 1}, {"type": "image", "index": 0, "start": a + 1, "end": b},
+          {"type": "text", "index": None, "start": b, "end": len(ids1)}]
+names1 = {v: k for k, v in g1.special_ids.items()}
+tokens1 = [names1.get(i, "<imgpad>" if i == g1.img_pad_id else None) or
+           (chr(i) if a < k < b else g1.enc.decode_single_token_bytes(i).decode("utf-8", "replace"))
+           for k, i in enumerate(ids1)]
+fig = plots.token_stream_plot(tokens1, spans1, title=f"Qwen-VL (gen 1) token stream: {len(ids1)} tokens")
+plt.show()
+print("slots between <img> and </img>:", b - a - 1, "| path stored in them:", g1.image_paths(ids1))
+assert b - a - 1 == 256
+findings["gen-1 image slots"] = b - a - 1
+findings["gen-1 video"] = "ValueError (no video input)"
+"""),
+("md", r"""
+## The guide says / the code shows
+
+| The guide says | The code shows |
+|---|---|
+| ViT → visual tokens, a connector compresses/projects them, everything is concatenated into one sequence for the LLM | **Right.** Placeholders are expanded to t·h·w/4 tokens and `embed` overwrites exactly those rows with the tower's output (text rows untouched). |
+| Image features are wrapped in a pair of special tokens | **Right:** `<|vision_start|>` … `<|vision_end|>` (Qwen2/2.5-VL), `<img>` … `</img>` around 256 slots (Qwen-VL). |
+| A video is a series of image frames, each preceded by a timestamp token such as `<video t=1.5s>` | **No.** One `<|vision_start|>` + N `<|video_pad|>` + `<|vision_end|>` block per video (2 blocks for 1 image + 1 video of 8 frames); no per-frame markers and no time text. Qwen2.5-VL carries time in the M-RoPE t ids (0.5 s per id). Qwen-VL has no video input at all. (Textual timestamps arrived later, with Qwen3-VL, in a different format.) |
+| Documents are converted to HTML text | **Not part of the serialisation:** there is no HTML special token; HTML would be ordinary text tokens. It is a training-data convention, outside what qvl can check. |
+| The LLM needs no modality-specific modules | **For the LLM, right;** but the vision tower + merger/resampler are separate modules, and the token layouts differ per generation (gen 1 stores the image *path* in its slots). |
+"""),
+("code", r"""
+for k, v in findings.items():
+    print(f"{k:45} {v}")
+assert findings["vision_start blocks for 1 image + 1 video"] == 2 and findings["timestamp text in the stream"] is False
+assert findings["gen-1 image slots"] == 256
+"""),
+]
+
+# =====================================================================================================
+# 08 Naive dynamic resolution
+# =====================================================================================================
+NB08 = [
+("md", r"""
+# 08 · Naive dynamic resolution
+
+*Study-guide question 8: how does the "naive dynamic resolution" of Qwen2-VL (and later) work, and what does it buy?*
+
+The whole mechanism is one resize rule, `qvl.media.smart_resize`, and one merge:
+
+1. round each side to a multiple of 28 px (= 2 × 14-px patches), keeping the aspect ratio as far as rounding allows;
+2. if the area is above `max_pixels` (default 16384 × 28²) scale down, if below `min_pixels` (4 × 28²) scale up;
+3. cut 14-px patches for the ViT, then the merger fuses each 2×2 group into one LLM token.
+
+We recompute the guide's numbers, look at the min/max pixel knobs, check the 4× merge with a real (tiny,
+random) tower, and estimate memory for a real checkpoint from its config (no download).
+"""),
+("code", SETUP + r"""
+from qvl import media
+from qvl.config import VisionConfig
+from qvl.models import qwen2_5_vl
+from qvl.viz import costs, overlays, plots
+def acct(h, w, **kw):   # media.account for an h x w image without allocating it (it reads only the shape)
+    return media.account(np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (h, w, 3)), **kw)
+"""),
+("md", r"""
+## 1. Tokens vs resolution, and the guide's numbers
+"""),
+("code", r"""
+sizes = {"224x224": (224, 224), "448x448": (448, 448), "640x480": (480, 640), "1024x1024": (1024, 1024),
+         "1920x1080": (1080, 1920), "3840x2160 (4K)": (2160, 3840), "8000x8000": (8000, 8000)}
+res = {}
+print(f"{'image':16} {'resized':>11} {'patches':>8} {'LLM tokens':>10} {'gen 1':>6}")
+for name, (h, w) in sizes.items():
+    a = acct(h, w)
+    res[name] = a["2"]
+    print(f"{name:16} {a['2']['resized_size'][1]:>5}x{a['2']['resized_size'][0]:<5} {a['2']['patches']:8} {a['2']['visual_tokens']:10} {a['1']['visual_tokens']:6}")
+findings["tokens 224² / 1024²"] = (res["224x224"]["visual_tokens"], res["1024x1024"]["visual_tokens"])
+findings["4K: patches -> tokens"] = (res["3840x2160 (4K)"]["patches"], res["3840x2160 (4K)"]["visual_tokens"])
+findings["largest image: tokens"] = res["8000x8000"]["visual_tokens"]
+"""),
+("code", r"""
+fig = plots.tokens_vs_resolution_plot(None if not FAST else [56, 224, 448, 896, 1792, 3584, 4480])
+plt.show()
+"""),
+("md", r"""
+## 2. The knobs: `min_pixels` and `max_pixels`
+
+Users set these per image (qwen-vl-utils message keys). The same photo at three budgets, patches and merge
+units drawn (`overlays.patch_grid`), and tokens vs side for several budgets:
+"""),
+("code", r"""
+src = ASSETS / "shapes_640x480.png"
+for mp in (16 * 28 * 28, 64 * 28 * 28, 256 * 28 * 28):
+    display(overlays.patch_grid(src, max_pixels=mp))
+"""),
+("code", r"""
+sides = np.geomspace(20, 8000, 30 if FAST else 120).astype(int)
+fig, ax = plt.subplots(figsize=(8, 4))
+for label, kw in {"defaults (4 ... 16384 tokens)": {}, "max_pixels = 1280 tokens": dict(max_pixels=1280 * 784),
+                  "min_pixels = 256 tokens": dict(min_pixels=256 * 784)}.items():
+    ax.plot(sides, [acct(s, s, **kw)["2"]["visual_tokens"] for s in sides], label=label)
+ax.set_xscale("log"); ax.set_yscale("log"); ax.grid(alpha=0.3, which="both"); ax.legend(fontsize=8)
+ax.set_xlabel("image side (px, square)"); ax.set_ylabel("LLM tokens"); ax.set_title("Budgets clamp the token count", fontsize=10)
+plt.tight_layout(); plt.show()
+tiny_img = acct(30, 40)["2"]
+print("a 40x30 image is upscaled to", tiny_img["resized_size"][::-1], "->", tiny_img["visual_tokens"], "tokens")
+assert tiny_img["visual_tokens"] >= 4
+"""),
+("md", r"""
+"Native resolution" keeps the aspect ratio only up to rounding to 28 px. Over many random sizes, the largest
+aspect distortion is:
+"""),
+("code", r"""
+rng = np.random.default_rng(0)
+worst = {}
+for lo, hi in ((200, 400), (400, 2000), (2000, 6000)):
+    d = []
+    for _ in range(2000):
+        h, w = (int(v) for v in rng.integers(lo, hi, 2))
+        rh, rw = media.smart_resize(h, w)
+        d.append(abs((rw / rh) / (w / h) - 1))
+    worst[(lo, hi)] = max(d)
+    print(f"sides in [{lo}, {hi}): worst aspect change {max(d):.1%}, median {np.median(d):.2%}")
+assert worst[(2000, 6000)] < worst[(200, 400)]
+findings["worst aspect change, sides 200-400 px"] = f"{worst[(200, 400)]:.0%}"
+"""),
+("md", r"""
+## 3. The merger's 4× reduction, through a real tower
+
+A tiny randomly initialised Qwen2.5-VL tower (`qwen2_5_vl.WindowVisionTransformer`: 2 blocks, width 32, one
+window block and one full block) on real preprocessed pixels: L patches in, L/4 tokens out.
+"""),
+("code", r"""
+tower = qwen2_5_vl.WindowVisionTransformer(VisionConfig(depth=2, dim=32, num_heads=2, mlp_dim=48, out_dim=64,
+                                                        hidden_act="silu", fullatt_block_indexes=[1])).eval()
+ratios = {}
+for p in ("shapes_640x480.png", "tall_300x1800.png", "text_scripts_1280x320.png"):
+    x = media.process_image(ASSETS / p, max_pixels=200 * 28 * 28)
+    with torch.no_grad():
+        out = tower(x.pixel_values, [x.grid_thw])
+    ratios[p] = x.pixel_values.shape[0] / out.shape[0]
+    print(f"{p:28} grid {x.grid_thw}: {x.pixel_values.shape[0]:5} patches -> {out.shape[0]:4} tokens (x{ratios[p]:g})")
+assert set(ratios.values()) == {4.0}
+findings["patches per LLM token"] = 4
+"""),
+("md", r"""
+## 4. Memory for a real checkpoint (arithmetic from the config)
+
+`qvl.viz.costs.summary` for one 4K screenshot on Qwen2-VL-7B and Qwen2.5-VL-7B (bf16): KV cache for the
+prompt, the ViT's per-block activations, and the attention matrix an eager (non-flash) implementation would
+hold in one block. The last one is what makes very large images impossible without flash attention, and
+what window attention shrinks.
+"""),
+("code", r"""
+g4k = res["3840x2160 (4K)"]["grid_thw"]
+prompt = res["3840x2160 (4K)"]["llm_tokens"] + 20
+for name in ("Qwen2-VL-7B-Instruct", "Qwen2.5-VL-7B-Instruct"):
+    print(f"--- {name}: weights {costs.human_bytes(costs.parameter_counts(name)['total'] * 2)} (bf16)")
+    for k, v in costs.summary(g4k, prompt, name).items():
+        print(f"  {k:36} {v}")
+c = costs.vision_costs(g4k, "Qwen2.5-VL-7B-Instruct")
+findings["4K eager attention matrix, full vs window (GiB)"] = (round(c["scores_bytes_full"] / 2**30, 1), round(c["scores_bytes_window"] / 2**30, 2))
+"""),
+("md", r"""
+## The guide says / the code shows
+
+| The guide says | The code shows |
+|---|---|
+| Images are no longer forced to a fixed size like 224² or 448² | **Mostly.** Sides are snapped to multiples of 28 and the area clamped to [4, 16384] tokens (both adjustable); aspect ratios move by up to 12% on 200–400 px images (median 2.8%), ~1% above 2000 px. |
+| A 1024² image gives far more tokens than a 224² one | **Right:** 1369 vs 64. |
+| The MLP merges 2×2 neighbours, cutting the sequence to 1/4 | **Right:** exactly 4 patches per token, through a real (tiny) tower. |
+| A 4K image first gives "tens of thousands" of tokens, "thousands" after merging | **Understated:** 42,196 patches → 10,549 LLM tokens, i.e. more than ten thousand after merging; the eager full-attention matrix of one ViT block would need 53 GiB (81 MiB with windows). |
+| A low-resolution image only gives "hundreds" of tokens | **Fewer:** 224² → 64, 448² → 256, 640×480 → 391. |
+| (Q1) up to 16384 visual tokens | **Right:** an 8000² image stops at 16384 (`max_pixels`). |
+"""),
+("code", r"""
+for k, v in findings.items():
+    print(f"{k:48} {v}")
+assert findings["tokens 224² / 1024²"] == (64, 1369)
+assert findings["4K: patches -> tokens"] == (42196, 10549) and findings["largest image: tokens"] == 16384
+assert findings["patches per LLM token"] == 4 and findings["worst aspect change, sides 200-400 px"] == "12%"
+assert findings["4K eager attention matrix, full vs window (GiB)"] == (53.1, 0.08)
+assert (res["448x448"]["visual_tokens"], res["640x480"]["visual_tokens"]) == (256, 391)
+"""),
+]
+
 
 NOTEBOOKS = {
     "01_vision_encoder.ipynb": NB01,
     "02_mrope.ipynb": NB02,
     "04_coordinates.ipynb": NB04,
     "05_dynamic_fps_3d_patches.ipynb": NB05,
+    "07_unified_serialisation.ipynb": NB07,
+    "08_naive_dynamic_resolution.ipynb": NB08,
 }
 
 
