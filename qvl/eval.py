@@ -1,0 +1,154 @@
+"""Score a model on the held-out generated set: `python -m qvl.eval MODEL_DIR [--n 500] [--tasks ...] [--json]`.
+
+The eval set is `qvl.data.eval_samples(task, generation, n)`: the first n seeds of the *eval* split, which
+no training stage reads (`qvl.data.SPLITS`), the same scenes for every generation. Answers are greedy,
+generated in batches through `qvl.load(dir)` (`VLM.prepare` + `VLM.generate`), exactly what a user gets.
+
+Rows of the table:
+  color, shape, count, refer, caption, video_direction: exact match (case and a final full stop ignored)
+  ground:     mean IoU of the first box (read in the generation's own convention) and % with IoU >= 0.5
+  ocr:        exact match, also split by the smallest text height (>= 14 px / < 14 px)
+  video_when: % of answers within +-0.5 s of the event
+plus a cost line: vision tokens per image and milliseconds per answer (batched, this machine).
+
+    from qvl.eval import evaluate, format_table
+    results = evaluate(reply_fn, "2.5", tasks=("color", "ground"), n=50)   # reply_fn(list[Sample]) -> list[str]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable, Sequence
+
+from qvl.data import tasks as T
+
+DEFAULT_TASKS = ("color", "shape", "count", "ground", "refer", "ocr", "caption", "video_direction", "video_when")
+MAX_NEW_TOKENS = {"caption": 96, "ground": 64, "ocr": 32}  # others: 24
+SMALL_TEXT_PX = 14  # the issue's OCR target is on text >= 14 px tall
+
+
+def vlm_reply_fn(vlm, batch_size: int = 16, stats: dict | None = None) -> Callable:
+    """reply_fn for a loaded VLM: greedy answers in batches; accumulates cost figures into `stats`."""
+    from qvl.generate import trim
+
+    stats = stats if stats is not None else {}
+
+    def reply(samples: Sequence[T.Sample]) -> list[str]:
+        out = []
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i:i + batch_size]
+            t0 = time.perf_counter()
+            batch = vlm.prepare([s.prompt() for s in chunk])
+            budget = MAX_NEW_TOKENS.get(chunk[0].task, 24)
+            tokens = vlm.generate(batch, budget)
+            out += [vlm.decode(r) for r in trim(tokens, vlm.stop_ids)]
+            stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - t0
+            stats["answers"] = stats.get("answers", 0) + len(chunk)
+            images = [m.tokens for m in batch.media if m.kind == "image"]
+            stats["image_tokens"] = stats.get("image_tokens", 0) + sum(images)
+            stats["images"] = stats.get("images", 0) + len(images)
+        return out
+
+    reply.stats = stats
+    return reply
+
+
+def tasks_for(generation: str, tasks: Sequence[str] | None) -> list[str]:
+    tasks = list(tasks or DEFAULT_TASKS)
+    unknown = [t for t in tasks if t not in T.TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; known: {T.TASKS}")
+    return [t for t in tasks if not (str(generation) == "1" and t in T.VIDEO_TASKS)]
+
+
+def evaluate(reply_fn: Callable, generation: str, tasks: Sequence[str] | None = None, n: int = 500,
+             config: T.DataConfig = T.DataConfig(), keep_replies: int = 0) -> dict:
+    """-> {task: {"n", "score", ...task extras, "examples": [...]}}; `score` is accuracy or mean IoU."""
+    results = {}
+    for task in tasks_for(generation, tasks):
+        samples = T.eval_samples(task, generation, n, config)
+        replies = reply_fn(samples)
+        scores = [T.score(task, r, s.truth) for r, s in zip(replies, samples)]
+        res = {"n": len(scores), "score": sum(scores) / max(1, len(scores))}
+        if task == "ground":
+            res["iou>=0.5"] = sum(s >= 0.5 for s in scores) / max(1, len(scores))
+        if task == "ocr":
+            for name, keep in ((f">={SMALL_TEXT_PX}px", lambda h: h >= SMALL_TEXT_PX),
+                               (f"<{SMALL_TEXT_PX}px", lambda h: h < SMALL_TEXT_PX)):
+                sel = [sc for sc, s in zip(scores, samples) if keep(s.truth["min_height"])]
+                res[name] = sum(sel) / len(sel) if sel else None
+                res[f"n{name}"] = len(sel)
+        if keep_replies:
+            res["examples"] = [{"reply": r, "answer": s.answer} for r, s in list(zip(replies, samples))[:keep_replies]]
+        results[task] = res
+    return results
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:5.1f} %"
+
+
+def format_table(results: dict, cost: dict | None = None, title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{'task':<16} {'n':>5}  {'score':>9}  details")
+    for task, r in results.items():
+        if task == "ground":
+            score, detail = f"{r['score']:.3f} IoU", f"IoU>=0.5: {_pct(r['iou>=0.5'])}"
+        else:
+            score, detail = _pct(r["score"]), ""
+            if task == "ocr":
+                detail = (f">={SMALL_TEXT_PX}px: {_pct(r[f'>={SMALL_TEXT_PX}px'])} (n={r[f'n>={SMALL_TEXT_PX}px']})  "
+                          f"<{SMALL_TEXT_PX}px: {_pct(r[f'<{SMALL_TEXT_PX}px'])} (n={r[f'n<{SMALL_TEXT_PX}px']})")
+            if task == "video_when":
+                detail = f"within +-{T.WHEN_TOLERANCE_S} s"
+        lines.append(f"{task:<16} {r['n']:>5}  {score:>9}  {detail}")
+    if cost:
+        lines.append(f"cost: {cost.get('vision_tokens_per_image', 0):.1f} vision tokens per image, "
+                     f"{cost.get('ms_per_answer', 0):.1f} ms per answer (batched)")
+    return "\n".join(lines)
+
+
+def cost_of(stats: dict) -> dict:
+    return {"vision_tokens_per_image": stats.get("image_tokens", 0) / max(1, stats.get("images", 0)),
+            "ms_per_answer": 1000 * stats.get("seconds", 0.0) / max(1, stats.get("answers", 0))}
+
+
+def evaluate_dir(model_dir, n: int = 500, tasks=None, batch_size: int = 16, device=None, keep_replies: int = 0):
+    """Load a model directory and evaluate it. -> (results, cost, generation)"""
+    import qvl
+
+    vlm = qvl.load(model_dir, device=device)
+    fn = vlm_reply_fn(vlm, batch_size)
+    results = evaluate(fn, vlm.generation, tasks, n, keep_replies=keep_replies)
+    return results, cost_of(fn.stats), vlm.generation
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qvl.eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model_dir")
+    ap.add_argument("--n", type=int, default=500, help="samples per task (first n eval seeds)")
+    ap.add_argument("--tasks", nargs="+", default=None, help=f"subset of {' '.join(DEFAULT_TASKS)}")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ap.add_argument("--examples", type=int, default=0, help="keep this many replies per task (JSON)")
+    args = ap.parse_args(argv)
+    import torch
+
+    if (args.device or "cpu") == "cpu" and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    results, cost, generation = evaluate_dir(args.model_dir, args.n, args.tasks, args.batch_size, args.device,
+                                             args.examples)
+    if args.json:
+        print(json.dumps({"model": str(args.model_dir), "generation": generation, "results": results,
+                          "cost": cost}, indent=2))
+    else:
+        print(format_table(results, cost, f"{args.model_dir} (gen {generation}), held-out seeds"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

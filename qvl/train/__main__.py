@@ -1,0 +1,158 @@
+"""`python -m qvl.train ...`: one stage, or the whole recipe.
+
+    python -m qvl.train --generation 2.5 --stage stage2 --samples 20000 --out runs/s2 --init runs/s1 [--resume]
+    python -m qvl.train recipe --generation all --out assets/models [--work runs/recipe] [--scale 0.1]
+    torchrun --nproc_per_node 2 -m qvl.train ...            # DDP (gloo on CPU, nccl on CUDA); --fsdp to shard
+
+The recipe runs every stage in `qvl.train.stages.ORDER` for each generation with the sample budgets of
+`stages.BUDGETS` (times --scale), skipping stages that already finished (so re-running it resumes), then
+evaluates the result and writes the shipped model (bf16, official layout) to OUT/qvl-tiny-{gen}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from qvl.train import stages as S
+
+
+def _common(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 1 on CPU, 4 on CUDA)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP under torchrun")
+    ap.add_argument("--quiet", action="store_true")
+
+
+def stage_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qvl.train", description="Train one stage of qvl-tiny.")
+    ap.add_argument("--generation", required=True, choices=["1", "2", "2.5"])
+    ap.add_argument("--stage", required=True, choices=list(S.ORDER))
+    ap.add_argument("--samples", type=int, required=True, help="samples for this stage (all ranks together)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--init", default=None, help="model dir (or stage dir) to start from")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer dir for a fresh model (built there if missing)")
+    ap.add_argument("--records", default=None, help="JSONL of accepted answers (rs-sft) or pairs (dpo)")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    _common(ap)
+    a = ap.parse_args(argv)
+    from qvl.train import tiny
+    from qvl.train.dpo import read_jsonl
+    from qvl.train.loop import train
+
+    tokenizer = a.tokenizer
+    if a.init is None:
+        tokenizer = str(tiny.build_tokenizers(tokenizer or Path(a.out) / "tokenizer"))
+    records = read_jsonl(a.records) if a.records else None
+    summary = train(a.stage, a.generation, a.out, a.samples, init=a.init, tokenizer=tokenizer, resume=a.resume,
+                    device=a.device, batch_size=a.batch_size, lr=a.lr, workers=a.workers, seed=a.seed,
+                    fsdp=a.fsdp, stop_after=a.stop_after, records=records, quiet=a.quiet)
+    if not a.quiet:
+        print(json.dumps(summary))
+    return 0
+
+
+def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, device=None, workers=None,
+               eval_n: int = 200, dpo_eval_n: int = 50, seed: int = 0, fsdp: bool = False) -> dict:
+    """All stages for one generation -> OUT/qvl-tiny-{generation}; returns a report dict."""
+    import torch.distributed as dist
+
+    from qvl import eval as E
+    from qvl.train import dpo, tiny
+    from qvl.train.loop import model_dir_of, train
+
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    tok_dir = tiny.build_tokenizers(work / "tokenizer") if main else work / "tokenizer"
+    if dist.is_initialized():
+        dist.barrier()
+    gdir = work / f"gen{generation}"
+    report: dict = {"generation": generation, "stages": {}}
+    prev = None
+    budget = {k: max(1, int(v * scale)) for k, v in S.BUDGETS.items()}
+    for name in S.ORDER:
+        sdir = gdir / name
+        records = None
+        if name in ("rs-sft", "dpo"):
+            rec_file = gdir / ("accepted.jsonl" if name == "rs-sft" else "pairs.jsonl")
+            if main and not rec_file.exists():
+                import qvl
+
+                if name == "rs-sft":  # the SFT model answers fresh training questions
+                    vlm = qvl.load(model_dir_of(prev), device=device)
+                    qs = dpo.questions(generation, budget["rejection"], start=S.get("rs-sft").seed_offset)
+                    good, bad, stats = dpo.rejection_sample(E.vlm_reply_fn(vlm), qs)
+                    dpo.write_jsonl(gdir / "accepted.jsonl", good)
+                    dpo.write_jsonl(gdir / "rejected.jsonl", bad)
+                    (gdir / "rejection.json").write_text(json.dumps(stats, indent=2) + "\n")
+                    print(f"gen {generation} rejection sampling: accepted {stats['accepted']}/{stats['asked']} "
+                          f"({100 * stats['acceptance_rate']:.1f} %)", flush=True)
+                else:
+                    good, bad = dpo.read_jsonl(gdir / "accepted.jsonl"), dpo.read_jsonl(gdir / "rejected.jsonl")
+                    dpo.write_jsonl(rec_file, dpo.make_pairs(good, bad, generation, seed))
+            if dist.is_initialized():
+                dist.barrier()
+            records = dpo.read_jsonl(rec_file)
+            if name == "rs-sft" and (gdir / "rejection.json").exists():
+                report["rejection"] = json.loads((gdir / "rejection.json").read_text())
+            if not records:  # nothing accepted / no pairs: the stage has no data, keep the previous model
+                report["stages"][name] = {"skipped": "no records"}
+                continue
+        if (sdir / "summary.json").exists():
+            report["stages"][name] = json.loads((sdir / "summary.json").read_text())
+        else:
+            if name == "dpo" and main and dpo_eval_n:
+                report["dpo_before"] = E.evaluate_dir(model_dir_of(prev), dpo_eval_n, device=device)[0]
+            report["stages"][name] = train(name, generation, sdir, budget[name], init=prev, tokenizer=tok_dir,
+                                           resume=True, device=device, workers=workers, seed=seed, fsdp=fsdp,
+                                           records=records)
+        prev = sdir
+    if main:
+        final = model_dir_of(prev)
+        results, cost, _ = E.evaluate_dir(final, eval_n, device=device)
+        report["eval"], report["cost"] = results, cost
+        if "dpo_before" in report:
+            report["dpo_after"] = E.evaluate_dir(final, dpo_eval_n, device=device)[0]
+        print(E.format_table(results, cost, f"qvl-tiny gen {generation} after the recipe"), flush=True)
+        ship = out / f"qvl-tiny-{generation}"
+        if ship.exists():
+            shutil.rmtree(ship)
+        import torch
+
+        tiny.save_model(tiny.load_model(final), ship, final, dtype=torch.bfloat16)
+        (gdir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def recipe_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qvl.train recipe", description="The whole qvl-tiny recipe.")
+    ap.add_argument("--generation", default="all", choices=["all", "1", "2", "2.5"])
+    ap.add_argument("--out", default="assets/models", help="where the shipped models go")
+    ap.add_argument("--work", default="runs/recipe", help="stage checkpoints, logs, curves")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's sample budget")
+    ap.add_argument("--eval-n", type=int, default=200)
+    _common(ap)
+    a = ap.parse_args(argv)
+    gens = ["2.5", "2", "1"] if a.generation == "all" else [a.generation]
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    for g in gens:
+        run_recipe(g, out, work, a.scale, a.device, a.workers, a.eval_n, seed=a.seed, fsdp=a.fsdp)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "recipe":
+        return recipe_main(argv[1:])
+    return stage_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Samples -> padded training batches: token ids, vision inputs, positions, labels, loss masks, dense targets.
+
+Rendering, tokenising and media processing are *not* re-implemented here: `Collator` calls the same
+code `qvl.api.VLM.prepare` runs (`VLM._prepare_qwen2` / `VLM._prepare_gen1`, through a model-less VLM
+whose `model` is a stand-in carrying only `config` and `generation`), so a training batch is tokenised
+exactly like an inference prompt. Then it differs from `prepare` in three ways:
+
+* the conversation is rendered with its answers (`add_generation_prompt=False`);
+* rows are padded on the *right*: every real token then only ever sees real tokens under the causal
+  mask, so the model needs no pad mask (plain causal SDPA), and the M-RoPE ids of the real tokens are
+  the ones each row would have alone (`mrope_position_ids` takes the attention mask);
+* `labels[b, t]` is the target of position t, i.e. token t+1, or IGNORE.
+
+Which tokens are targets (`loss`):
+* "assistant" (SFT, DPO, the text drills): the assistant turns' content and their `<|im_end|>`, nothing
+  else -- Qwen-VL's finetune.py masks system/user text and the "assistant\\n" header (§6.4); the model must
+  still learn to emit `<|im_end|>`, since generation stops on it.
+* "text" (pre-training stages 1 and 2): every text token except the vision placeholders (and the token
+  that would have to predict one). Qwen-VL trains its pre-training stages by "minimising the cross-entropy
+  of the text tokens" (arXiv 2308.12966 §3.2); the placeholders are overwritten by vision features, so
+  predicting them is meaningless. The system/user text of our chat-formatted pre-training samples is
+  template text, cheap to learn, and a few tokens of it (which shape is asked about) carry image signal.
+
+Dense vision targets (`dense=True`, the vision pre-training stand-in, see `dense_targets`) are per vision
+*token*: per 28x28 merge unit for Qwen2/2.5-VL (the merger's outputs), per resampler query for Qwen-VL
+(its 8x8 queries carry a fixed 2-D sin-cos position, §2.5, so query (i, j) is asked about cell (i, j)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from qvl.api import VLM
+from qvl.data.world import COLORS, KINDS, WORDS
+from qvl.generate import prompt_positions
+
+IGNORE = -100
+
+# Dense classes: 0 background, 1 text, 2 + colour * len(KINDS) + kind for a shape.
+N_DENSE_CLASSES = 2 + len(COLORS) * len(KINDS)
+LETTERS = sorted(set("".join(w for ws in WORDS.values() for w in ws)) | set("0123456789"))
+N_LETTERS = 1 + len(LETTERS)  # 0 = no letter under this cell
+_LETTER_ID = {c: i + 1 for i, c in enumerate(LETTERS)}
+_COLOR_ID = {c: i for i, c in enumerate(COLORS)}
+_KIND_ID = {k: i for i, k in enumerate(KINDS)}
+
+
+def _stub_vlm(generation: str, tokenizer, config) -> VLM:
+    """A VLM without weights: prepare's tokenising and media code only read config, generation, tokenizer."""
+    model = SimpleNamespace(config=config, generation=generation)
+    pad = tokenizer.eod_id if generation == "1" else tokenizer.pad_id
+    return VLM(model, tokenizer, stop_ids=[], pad_id=pad)
+
+
+class Collator:
+    """Callable: list[Sample] (or list of message lists) -> batch dict of tensors.
+
+    gen1_image_size overrides Qwen-VL's fixed input size (stage 1 runs at half size, §8.1); gen 2/2.5
+    resolution comes from each image item's own min_pixels/max_pixels (the stage's DataConfig)."""
+
+    def __init__(self, generation: str, tokenizer, config, loss: str = "text", dense: bool = False,
+                 gen1_image_size: int | None = None):
+        if loss not in ("text", "assistant"):
+            raise ValueError(f"loss must be 'text' or 'assistant', got {loss!r}")
+        self.generation, self.tokenizer, self.loss, self.dense = str(generation), tokenizer, loss, dense
+        if self.generation == "1" and gen1_image_size:
+            config = replace(config, vision=replace(config.vision, image_size=gen1_image_size))
+        self.config = config
+        self.vlm = _stub_vlm(self.generation, tokenizer, config)
+        self.pad_id = self.vlm.pad_id
+        self.im_start, self.im_end = tokenizer.im_start_id, tokenizer.im_end_id
+        self.header = [self.im_start] + tokenizer.encode("assistant\n")
+        if self.generation == "1":
+            self.placeholder_ids = None
+        else:
+            self.placeholder_ids = torch.tensor([config.image_token_id, config.video_token_id])
+
+    # ---- tokens ---------------------------------------------------------------------------------
+
+    def encode(self, conversations):
+        """Rows of ids, media items per row, vision kwargs (what VLM.prepare computes, unpadded)."""
+        if self.generation == "1":
+            return self.vlm._prepare_gen1(conversations, False)
+        return self.vlm._prepare_qwen2(conversations, False, False, None, None)
+
+    def assistant_mask(self, ids: list[int]) -> list[bool]:
+        """True on each assistant turn's content tokens and its closing <|im_end|>."""
+        mask = [False] * len(ids)
+        h = len(self.header)
+        i = 0
+        while i <= len(ids) - h:
+            if ids[i:i + h] == self.header:
+                j = i + h
+                while j < len(ids) and ids[j] != self.im_end:
+                    mask[j] = True
+                    j += 1
+                if j < len(ids):
+                    mask[j] = True  # <|im_end|>
+                i = j + 1
+            else:
+                i += 1
+        return mask
+
+    def text_mask(self, ids: torch.Tensor, items) -> torch.Tensor:
+        """True on every token that is not a vision placeholder."""
+        if self.generation == "1":
+            mask = torch.ones(len(ids), dtype=torch.bool)
+            for it in items:
+                mask[it.start:it.end] = False  # the slots strictly between <img> and </img>
+            return mask
+        return ~torch.isin(ids, self.placeholder_ids)
+
+    def __call__(self, samples) -> dict:
+        conversations = [s.messages if hasattr(s, "messages") else s for s in samples]
+        rows, media_rows, vision = self.encode(conversations)
+        B, T = len(rows), max(len(r) for r in rows)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        targets = torch.zeros((B, T), dtype=torch.bool)  # token t is a target (predicted from t-1)
+        for b, (ids, items) in enumerate(zip(rows, media_rows)):
+            row = torch.tensor(ids, dtype=torch.long)
+            input_ids[b, :len(ids)] = row
+            attention_mask[b, :len(ids)] = 1
+            if self.loss == "assistant":
+                targets[b, :len(ids)] = torch.tensor(self.assistant_mask(ids))
+            else:
+                targets[b, :len(ids)] = self.text_mask(row, items)
+        targets[:, 0] = False  # nothing predicts the first token
+        labels = torch.full((B, T), IGNORE, dtype=torch.long)
+        labels[:, :-1] = torch.where(targets[:, 1:], input_ids[:, 1:], IGNORE)
+        positions, _ = prompt_positions(self.vlm.model, input_ids, attention_mask, vision)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "positions": positions, "vision": vision}
+        if self.dense:
+            batch.update(self.dense_batch(samples, media_rows))
+        return batch
+
+    # ---- dense vision targets ------------------------------------------------------------------
+
+    def token_grids(self, media_rows) -> list[tuple[int, int]]:
+        """(rows, cols) of vision tokens per image, in feature order."""
+        grids = []
+        for items in media_rows:
+            for it in items:
+                if it.kind != "image":
+                    continue
+                if self.generation == "1":
+                    side = int(round(self.config.vision.n_queries ** 0.5))
+                    grids.append((side, side))
+                else:
+                    _, h, w = it.grid_thw
+                    m = self.config.vision.spatial_merge_size
+                    grids.append((h // m, w // m))
+        return grids
+
+    def dense_batch(self, samples, media_rows) -> dict:
+        grids = self.token_grids(media_rows)
+        scenes = [s.scene for s in samples if getattr(s, "scene", None) is not None]
+        if len(scenes) != len(grids):
+            raise ValueError(f"dense targets need one scene per image: {len(scenes)} scenes, {len(grids)} images")
+        parts = [dense_targets(sc, g) for sc, g in zip(scenes, grids)]
+        if not parts:
+            return {}
+        return {"dense_cls": torch.cat([p[0] for p in parts]), "dense_letter": torch.cat([p[1] for p in parts]),
+                "dense_box": torch.cat([p[2] for p in parts])}
+
+
+def dense_targets(scene, grid: tuple[int, int]):
+    """Per vision token of one image: class, letter, object box. -> (cls [N], letter [N], box [N, 4]).
+
+    Token (i, j) of a rows x cols grid sees the cell [j/cols, (j+1)/cols) x [i/rows, (i+1)/rows) of the image
+    (both resizes -- smart_resize and gen 1's square -- scale each axis uniformly). The cell's object is the
+    one whose box covers most of it, if that covers >= 25 % of the cell or >= 40 % of the object (so a small
+    shape still owns one cell). Box = the object's (x1, y1, x2, y2) / (w, h), in [0, 1]; NaN for background.
+    Letter = the character of a word under the cell's centre, assuming evenly spaced glyphs (an approximation:
+    the measured prototype's letter head reached 63 % with the same target)."""
+    rows, cols = grid
+    H, W = scene.height, scene.width
+    ys = np.arange(rows + 1) * H / rows
+    xs = np.arange(cols + 1) * W / cols
+    cy1, cx1 = np.meshgrid(ys[:-1], xs[:-1], indexing="ij")
+    cy2, cx2 = np.meshgrid(ys[1:], xs[1:], indexing="ij")
+    cells = np.stack([cx1.ravel(), cy1.ravel(), cx2.ravel(), cy2.ravel()], 1)  # [N, 4]
+    objects = [(2 + _COLOR_ID[s.color] * len(KINDS) + _KIND_ID[s.kind], s.box, None) for s in scene.shapes]
+    objects += [(1, t.box, t.text) for t in scene.texts]
+    n = len(cells)
+    cls = np.zeros(n, np.int64)
+    letter = np.zeros(n, np.int64)
+    box = np.full((n, 4), np.nan, np.float32)
+    if objects:
+        boxes = np.array([o[1] for o in objects], np.float64)  # [M, 4]
+        ix = np.clip(np.minimum(cells[:, None, 2], boxes[None, :, 2]) - np.maximum(cells[:, None, 0], boxes[None, :, 0]), 0, None)
+        iy = np.clip(np.minimum(cells[:, None, 3], boxes[None, :, 3]) - np.maximum(cells[:, None, 1], boxes[None, :, 1]), 0, None)
+        inter = ix * iy  # [N, M]
+        cell_area = ((cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1]))[:, None]
+        obj_area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[None, :]
+        owns = (inter >= 0.25 * cell_area) | (inter >= 0.4 * obj_area)
+        score = np.where(owns & (inter > 0), inter, -1.0)
+        best = score.argmax(1)
+        hit = score[np.arange(n), best] > 0
+        for k in np.nonzero(hit)[0]:
+            c, b, text = objects[best[k]]
+            cls[k] = c
+            box[k] = (b[0] / W, b[1] / H, b[2] / W, b[3] / H)
+            if text:
+                cx = (cells[k, 0] + cells[k, 2]) / 2
+                pos = int((cx - b[0]) / max(b[2] - b[0], 1) * len(text))
+                letter[k] = _LETTER_ID.get(text[min(max(pos, 0), len(text) - 1)], 0)
+    return torch.from_numpy(cls), torch.from_numpy(letter), torch.from_numpy(box)
+
+
+def to_device(batch: dict, device) -> dict:
+    """Move every tensor (also inside `vision`) to device; lists (second_per_grid_ts) stay."""
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        return v
+    return {k: move(v) for k, v in batch.items()}
+
+
+def embed_kwargs(vision: dict) -> dict:
+    """The model's embed() keywords: `second_per_grid_ts` only feeds the positions."""
+    return {k: v for k, v in vision.items() if k != "second_per_grid_ts" and v is not None}

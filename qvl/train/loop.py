@@ -1,0 +1,513 @@
+"""The trainer: one function, `train(...)`, for every stage of every generation.
+
+    AdamW (betas 0.9/0.95, decoupled weight decay on matrices only), linear warm-up then cosine to
+    `min_lr`, gradient clipping at 1.0 (Qwen-VL's stage-1 settings, §8.1), bf16 autocast on CUDA,
+    a plain-text progress bar with samples/s, resumable checkpoints (model + dense head + optimiser +
+    step + RNG + data position), a loss curve (CSV + PNG) per stage, and the finished model written in
+    the official layout (`OUT/model`).
+
+Data: `StageData` is an IterableDataset that renders batches in DataLoader worker processes (so a GPU
+run is not bound by PIL). Batch k of rank r holds samples (k * world + r) * B ... + B - 1 of the stage's
+deterministic stream, so ranks read disjoint shards, and resuming at step k only needs k.
+
+Distributed: launched by `torchrun --nproc_per_node N`, the model is wrapped in DDP (gloo on CPU, nccl on
+CUDA; every rank computes its own shard's gradients, DDP averages them); `fsdp=True` shards parameters with
+FSDP2 (`torch.distributed.fsdp.fully_shard`) per decoder layer instead. Rank 0 writes everything.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from qvl.train import stages as S
+from qvl.train import tiny
+from qvl.train.batching import IGNORE, N_DENSE_CLASSES, N_LETTERS, Collator, embed_kwargs, to_device
+
+STATE_FILE = "state.pt"
+HEAD_FILE = "dense_head.safetensors"
+
+
+# --------------------------------------------------------------------------------------------------
+# Dense vision head (vision pre-training stand-in, and stage 2's auxiliary loss)
+# --------------------------------------------------------------------------------------------------
+
+
+class DenseHead(nn.Module):
+    """Per vision token: class (background / text / colour x shape), letter under it, its object's box.
+    Lives next to the model (not in the official checkpoint): a training-only probe, like a CLIP head."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU())
+        self.cls = nn.Linear(hidden, N_DENSE_CLASSES)
+        self.letter = nn.Linear(hidden, N_LETTERS)
+        self.box = nn.Linear(hidden, 4)
+
+    def forward(self, feats, cls, letter, box):
+        """feats [N, H] -> (loss, metrics). Letter loss only on text tokens, box loss only on object tokens."""
+        h = self.trunk(feats.float())
+        logits = self.cls(h)
+        loss = F.cross_entropy(logits, cls)
+        metrics = {"dense_acc": (logits.argmax(-1) == cls).float().mean().detach()}
+        text = cls == 1
+        if text.any():
+            lt = self.letter(h[text])
+            loss = loss + F.cross_entropy(lt, letter[text])
+            metrics["letter_acc"] = (lt.argmax(-1) == letter[text]).float().mean().detach()
+        else:
+            loss = loss + 0.0 * self.letter.weight.sum()
+        obj = cls > 0
+        if obj.any():
+            loss = loss + 5.0 * F.l1_loss(torch.sigmoid(self.box(h[obj])), box[obj])
+        else:
+            loss = loss + 0.0 * self.box.weight.sum()
+        return loss, metrics
+
+
+def vision_module(model: nn.Module) -> nn.Module:
+    return model.transformer.visual if model.generation == "1" else model.visual
+
+
+# --------------------------------------------------------------------------------------------------
+# The training module: model (+ head, + frozen reference for DPO) -> loss
+# --------------------------------------------------------------------------------------------------
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+
+
+class TrainModule(nn.Module):
+    """Computes one stage's loss for a batch. DDP wraps this module, so every gradient flows through it."""
+
+    def __init__(self, model: nn.Module, stage: S.Stage, head: DenseHead | None = None, ref: nn.Module | None = None):
+        super().__init__()
+        self.model, self.stage, self.head = model, stage, head
+        self._ref = [ref]  # a list: the frozen reference is not a submodule (DDP must not sync or wrap it)
+
+    def forward(self, batch: dict):
+        if self.stage.loss == "dpo":
+            from qvl.train.dpo import dpo_loss, sequence_logps
+
+            policy = sequence_logps(self.model, batch)
+            with torch.no_grad():
+                ref = sequence_logps(self._ref[0], batch)
+            return dpo_loss(policy, ref, self.stage.beta)
+        model, stage = self.model, self.stage
+        feats: list[torch.Tensor] = []
+        hook = None
+        if self.head is not None:
+            hook = vision_module(model).register_forward_hook(lambda m, i, o: feats.append(o))
+        try:
+            metrics = {}
+            vision = embed_kwargs(batch["vision"])
+            if stage.lm:
+                embeds = model.embed(batch["input_ids"], **vision)
+                logits = model(embeds, batch["positions"])
+                loss = lm_loss(logits, batch["labels"])
+                metrics["lm_loss"] = loss.detach()
+            else:  # vision pre-training: the decoder is not run at all
+                loss = torch.zeros((), device=batch["input_ids"].device)
+                if model.generation == "1":
+                    vision_module(model)(vision["images"])
+                elif "pixel_values" in vision:
+                    model.visual(vision["pixel_values"], vision["image_grid_thw"])
+        finally:
+            if hook is not None:
+                hook.remove()
+        if self.head is not None:
+            weight = 1.0 if stage.loss == "dense" else stage.dense_weight
+            if "dense_cls" in batch and feats:
+                f = feats[0].flatten(0, -2)  # gen 1: [N, 64, H] -> [N*64, H]; gen 2: images come first
+                d, m = self.head(f, batch["dense_cls"], batch["dense_letter"], batch["dense_box"])
+                metrics.update(m, dense_loss=d.detach())
+            else:  # no image in this batch: keep every head parameter in the graph (DDP expects gradients)
+                d = sum(0.0 * p.sum() for p in self.head.parameters())
+            loss = loss + weight * d
+        return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+class StageData(IterableDataset):
+    """Yields (step, batch) for steps [start, total) of one rank; DataLoader workers take every W-th step,
+    which the DataLoader's round-robin turns back into step order."""
+
+    def __init__(self, stage: S.Stage, generation: str, collator: Collator, batch_size: int, start: int,
+                 total: int, rank: int = 0, world: int = 1, records: list[dict] | None = None):
+        self.stage, self.generation, self.collator = stage, generation, collator
+        self.batch_size, self.start, self.total, self.rank, self.world = batch_size, start, total, rank, world
+        self.records = records
+
+    def samples(self, step: int) -> list:
+        base = (step * self.world + self.rank) * self.batch_size
+        out = [S.sample_at(self.stage, self.generation, base + j, self.records) for j in range(self.batch_size)]
+        if self.stage.source != "records":
+            return out
+        cfg = self.stage.data_config()
+        if self.stage.loss == "dpo":  # chosen rows first, then rejected rows, same prompts
+            return ([S.record_sample(r, self.generation, r["chosen"], cfg) for r in out]
+                    + [S.record_sample(r, self.generation, r["rejected"], cfg) for r in out])
+        return [S.record_sample(r, self.generation, r["answer"], cfg) for r in out]
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)  # workers render; the main process computes
+        for step in range(self.start + w, self.total, n):
+            yield step, self.collator(self.samples(step))
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(device: str | None, d: Dist) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{d.local_rank}"
+        torch.cuda.set_device(device)
+    return torch.device(device)
+
+
+def set_trainable(model: nn.Module, parts) -> dict[str, int]:
+    """requires_grad = True exactly on the stage's parts; -> trainable parameter count per part."""
+    groups = tiny.param_groups(model)
+    params = dict(model.named_parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for part in parts:
+        for name in groups[part]:
+            params[name].requires_grad_(True)
+    return {part: sum(params[n].numel() for n in groups[part]) for part in parts}
+
+
+def make_optimizer(module: nn.Module, stage: S.Stage, lr: float) -> torch.optim.AdamW:
+    """Weight decay on matrices only (norms, biases, embeddings-as-vectors excluded); vision side may get a
+    higher learning rate (`stage.vision_lr_scale`)."""
+    groups: dict[tuple, list] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = stage.weight_decay if p.dim() >= 2 else 0.0
+        scale = stage.vision_lr_scale if "visual" in name else 1.0
+        groups.setdefault((decay, scale), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": d, "lr": lr * s, "base_lr": lr * s} for (d, s), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
+    """Linear warm-up over `warmup` of the steps, then cosine from 1 down to `floor`."""
+    w = max(1, int(round(warmup * total)))
+    if step < w:
+        return (step + 1) / w
+    progress = (step - w) / max(1, total - w)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def model_dir_of(path) -> Path:
+    """A stage output directory (holding model/) or a model directory itself."""
+    path = Path(path)
+    return path / "model" if (path / "model" / "config.json").exists() else path
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints, logs, progress
+# --------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_state_dict(module: nn.Module, fsdp: bool) -> dict:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def write_log(out: Path, rows: list[dict], title: str) -> None:
+    """loss.csv (every logged step) and loss.png (loss against samples seen, with a running mean)."""
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "loss.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    x = [r["samples"] for r in rows]
+    y = [r["loss"] for r in rows]
+    k = max(1, len(y) // 20)
+    smooth = [sum(y[max(0, i - k + 1):i + 1]) / len(y[max(0, i - k + 1):i + 1]) for i in range(len(y))]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(x, y, alpha=0.35, lw=0.8, label="loss")
+    ax.plot(x, smooth, lw=1.5, label=f"running mean ({k})")
+    ax.set_xlabel("samples")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png")
+    plt.close(fig)
+
+
+class Progress:
+    """`name [#####-----] 1200/4000 samples | 14.1 samples/s | loss 1.234 | lr 3.0e-04 | eta 3:20`.
+    Redrawn in place on a terminal; one line every `every` steps otherwise (logs stay readable)."""
+
+    def __init__(self, name: str, total_samples: int, every: int = 10, stream=None):
+        self.name, self.total, self.every = name, total_samples, every
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+
+    def update(self, step: int, samples: int, sps: float, loss: float, lr: float, extra: str = "", force=False):
+        if not (self.tty or force or step % self.every == 0):
+            return
+        frac = min(1.0, samples / max(1, self.total))
+        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        eta = (self.total - samples) / sps if sps > 0 else 0
+        line = (f"{self.name} [{bar}] {samples}/{self.total} samples | {sps:.1f} samples/s | loss {loss:.4f} | "
+                f"lr {lr:.1e} | eta {int(eta // 60)}:{int(eta % 60):02d}{extra}")
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# train()
+# --------------------------------------------------------------------------------------------------
+
+
+def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None, tokenizer=None,
+          resume: bool = False, device: str | None = None, batch_size: int | None = None, lr: float | None = None,
+          workers: int | None = None, seed: int = 0, fsdp: bool = False, save_every: int | None = None,
+          stop_after: int | None = None, records: list[dict] | None = None, log_every: int = 10,
+          quiet: bool = False) -> dict:
+    """Train one stage for `samples` samples (all ranks together) and write OUT/{model, loss.csv, loss.png,
+    state.pt, summary.json}. `init` = a model directory (or a stage directory holding model/) to start from;
+    without it a fresh tiny model is built with `tokenizer` (a build_tokenizers directory).
+    `stop_after` ends this call after that many steps (the schedule still spans all `samples`): with
+    `resume=True` a later call continues exactly where it stopped. -> summary dict."""
+    stage = S.get(stage) if isinstance(stage, str) else stage
+    generation = str(generation)
+    out = Path(out)
+    d = setup_distributed(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device, d)
+    if dev.type == "cpu":  # share the cores between local ranks; DataLoader workers mostly sleep in PIL
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", d.world))))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # ---- model, tokenizer, head
+    if init is not None:
+        init_dir = model_dir_of(init)
+        model = tiny.load_model(init_dir)
+        tok_dir = init_dir
+    else:
+        if tokenizer is None:
+            raise ValueError("a fresh model needs tokenizer=DIR (see tiny.build_tokenizers) or init=MODEL_DIR")
+        tok_dir = Path(tokenizer)
+        model = tiny.new_model(generation, tiny.load_tokenizer(generation, tok_dir), seed=seed)
+    if model.generation != generation:
+        raise ValueError(f"init model is generation {model.generation}, asked for {generation}")
+    tok = tiny.load_tokenizer(generation, tok_dir)
+    head = None
+    if stage.dense:
+        head = DenseHead(model.config.text.hidden_size)
+        head_file = Path(init) / HEAD_FILE if init is not None else None
+        if head_file is not None and head_file.exists():
+            from safetensors.torch import load_file
+
+            head.load_state_dict(load_file(str(head_file)))
+    ref = None
+    if stage.loss == "dpo":
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        ref.to(dev)
+    trainable = set_trainable(model, stage.train)
+    if head is not None:
+        head.requires_grad_(stage.loss == "dense" or "vision" in stage.train or "adapter" in stage.train)
+    module = TrainModule(model, stage, head, ref).to(dev)
+
+    # ---- steps
+    B = batch_size or stage.batch_size
+    per_step = B * d.world
+    total = max(1, samples // per_step)
+    opt = make_optimizer(module, stage, lr or stage.lr)
+    start = 0
+    log: list[dict] = []
+    state_file = out / STATE_FILE
+    if resume and state_file.exists():
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        if state["total_steps"] != total or state["stage"] != stage.name:
+            raise ValueError(f"{state_file}: a {state['stage']} run of {state['total_steps']} steps; "
+                             f"asked for {stage.name} with {total} steps")
+        module.load_state_dict(state["module"])
+        opt.load_state_dict(state["optimizer"])
+        start, log = state["step"], state["log"]
+        set_rng_state(state["rng"])
+    wrapped = module
+    if d.world > 1:
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            layers = model.transformer.h if generation == "1" else model.model.layers
+            for layer in layers:
+                fully_shard(layer)
+            fully_shard(module)
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            wrapped = DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    collator = Collator(generation, tok, model.config, loss="assistant" if stage.loss == "dpo" else
+                        ("text" if stage.loss == "dense" else stage.loss), dense=stage.dense,
+                        gen1_image_size=stage.gen1_image_size)
+    if workers is None:
+        workers = 4 if dev.type == "cuda" else 1
+    data = StageData(stage, generation, collator, B, start, total, d.rank, d.world, records)
+    loader = DataLoader(data, batch_size=None, num_workers=workers, pin_memory=dev.type == "cuda",
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    end = total if stop_after is None else min(total, start + stop_after)
+    save_every = save_every or max(50, total // 10)
+    progress = Progress(f"gen {generation} {stage.name}", total * per_step, every=log_every,
+                        stream=open(os.devnull, "w") if (quiet or not d.main) else None)
+    if d.main and not quiet:
+        n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        print(f"gen {generation} {stage.name}: {total} steps x {per_step} samples, trainable {trainable} "
+              f"(+head) = {n_train / 1e6:.2f}M, device {dev}, world {d.world}, workers {workers}", flush=True)
+
+    def save(step):
+        sd = full_state_dict(module, fsdp and d.world > 1)
+        if not d.main:
+            return
+        # the optimiser state is per rank under FSDP; DDP ranks hold identical copies
+        optim = opt.state_dict() if not (fsdp and d.world > 1) else {}
+        torch.save({"module": sd, "optimizer": optim, "step": step, "samples": step * per_step, "total_steps": total,
+                    "stage": stage.name, "generation": generation, "rng": rng_state(), "log": log},
+                   str(state_file) + ".tmp")
+        os.replace(str(state_file) + ".tmp", state_file)  # never leave a half-written checkpoint
+        write_log(out, log, f"gen {generation} {stage.name}")
+
+    module.train()
+    t_window, n_window = time.time(), 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    step = start
+    t_start = time.time()
+    for step, batch in loader:
+        if step >= end:
+            break
+        batch = to_device(batch, dev)
+        f = lr_factor(step, total, stage.warmup, stage.min_lr)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+        with autocast:
+            loss, metrics = wrapped(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in module.parameters() if p.requires_grad]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        loss = loss.detach()
+        n_window += per_step
+        now = time.time()
+        sps = n_window / max(now - t_window, 1e-9)
+        row = {"step": step + 1, "samples": (step + 1) * per_step, "loss": float(loss), "lr": opt.param_groups[0]["lr"],
+               "grad_norm": float(gnorm), "samples_per_s": round(sps, 2)}
+        row.update({k: float(v) for k, v in metrics.items()})
+        log.append(row)
+        extra = "".join(f" | {k} {float(v):.3f}" for k, v in metrics.items() if k in ("dense_acc", "reward_acc", "margin"))
+        progress.update(step + 1, (step + 1) * per_step, sps, float(loss), row["lr"], extra, force=step + 1 == end)
+        if now - t_window > 30:
+            t_window, n_window = now, 0
+        if (step + 1) % save_every == 0 and step + 1 < end:
+            save(step + 1)
+        step += 1
+    progress.close()
+    save(step)
+    summary = {"stage": stage.name, "generation": generation, "steps": step, "total_steps": total,
+               "samples": step * per_step, "seconds": round(time.time() - t_start, 1),
+               "samples_per_s": round((step - start) * per_step / max(time.time() - t_start, 1e-9), 2),
+               "final_loss": sum(r["loss"] for r in log[-20:]) / max(1, len(log[-20:])) if log else None,
+               "trainable": trainable, "world": d.world}
+    if d.main and step >= total:
+        tiny.save_model(model, out / "model", tok_dir)
+        if head is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_FILE))
+        elif init is not None and (Path(init) / HEAD_FILE).exists():  # carry the head on to later stages
+            import shutil
+
+            shutil.copy(Path(init) / HEAD_FILE, out / HEAD_FILE)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if d.world > 1:
+        dist.barrier()
+    return summary

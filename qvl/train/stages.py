@@ -1,0 +1,185 @@
+"""The stages of the qvl-tiny recipe: what each trains, on what data, at what resolution, with which loss.
+
+The papers never train a VLM from scratch: Qwen-VL starts from Qwen-7B and OpenCLIP ViT-bigG, Qwen2-VL from
+Qwen2 and a DFN ViT (§8). The first two stages build tiny stand-ins for those pre-trained parts; the rest
+follow the papers' order (reference §8.1-8.3, `tiny_training_notes.md` for why the stand-ins matter):
+
+  vision-pretrain  ViT + adapter, dense per-token targets from the scene (class / letter / box), no decoder.
+                   The measured lever: the prototypes' dense pre-training lifted colour 45 -> 64 %, count -> 71 %.
+  lm-pretrain      decoder only, text: the scene *written as text* then questions about it, so the decoder
+                   learns to look an object up and copy its colour/box/word before it ever sees an image
+                   (the untested lever the notes rank first).
+  stage1           alignment: captions at low resolution, LLM frozen, ViT + adapter trained (Qwen-VL stage 1:
+                   224 px, "LLM frozen"; Qwen2-VL stage 1 trains the ViT only).
+  stage2           multi-task pre-training: everything trained, all tasks, native resolution (gen 1: its fixed
+                   size), videos for gen 2/2.5; a small dense auxiliary loss keeps the vision features from
+                   washing out (another of the notes' levers).
+  stage3           SFT: chat format, multi-turn, loss on assistant tokens only, ViT frozen (Qwen-VL-Chat: "LLM
+                   + adapter, ViT frozen"; Qwen2/2.5-VL post-training freezes the ViT too).
+  rs-sft           SFT on rejection-sampled answers: only answers the model got right (see qvl.train.dpo).
+  dpo              preference optimisation against a frozen reference (Qwen2.5-VL post-training).
+
+Sample budgets live in `BUDGETS`, one place; seeds are fixed: stage k reads train seeds from its own
+offset (`Stage.seed_offset`), so stages never see the same scene twice and eval seeds are never touched.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from qvl.data import tasks as T
+from qvl.data.tasks import DataConfig, Sample, iterate, make_sample, region_text
+from qvl.data.world import SceneConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    train: tuple[str, ...]  # parts of tiny.param_groups that get gradients: "vision", "adapter", "llm"
+    source: str = "tasks"  # "tasks" | "drills" (scene as text) | "records" (rejection-sampled / DPO pairs)
+    mix: dict | None = None  # task weights (None = qvl.data.DEFAULT_MIX)
+    data: dict = field(default_factory=dict)  # DataConfig overrides; "scene"/"clip": SceneConfig/ClipConfig ones
+    loss: str = "text"  # "text" | "assistant" | "dense" (vision only) | "dpo"
+    dense_weight: float = 0.0  # weight of the dense vision loss next to the LM loss
+    gen1_image_size: int | None = None  # Qwen-VL's fixed input size for this stage (None = the model's)
+    lr: float = 1e-3
+    vision_lr_scale: float = 1.0  # the notes: "a higher learning rate for the vision side" is a lever
+    batch_size: int = 16
+    warmup: float = 0.05  # fraction of the steps
+    min_lr: float = 0.1  # cosine floor, as a fraction of lr
+    weight_decay: float = 0.1
+    seed_offset: int = 0
+    beta: float = 0.1  # DPO temperature
+    max_turns_eval: int = 1
+
+    @property
+    def lm(self) -> bool:
+        return self.loss != "dense"
+
+    @property
+    def dense(self) -> bool:
+        return self.loss == "dense" or self.dense_weight > 0
+
+    def data_config(self) -> DataConfig:
+        d = dict(self.data)
+        scene, clip = d.pop("scene", {}), d.pop("clip", {})
+        cfg = DataConfig(**d)
+        return replace(cfg, scene=replace(cfg.scene, **scene), clip=replace(cfg.clip, **clip))
+
+
+IMAGE_MIX = {t: 1.0 for t in T.IMAGE_TASKS}
+# Drills ask every task; captions are rarer (listing shapes left to right is a sort, not a look-up).
+DRILL_MIX = {**{t: 1.0 for t in T.TASKS}, "caption": 0.5}
+LOW_RES = 128 * 28 * 28  # stage 1: at most 128 visual tokens per image (prototype canvases: 16-144)
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("vision-pretrain", train=("vision", "adapter"), loss="dense", mix=IMAGE_MIX, lr=2e-3,
+          data=dict(max_pixels=256 * 28 * 28), seed_offset=10_000_000, batch_size=16),
+    Stage("lm-pretrain", train=("llm",), source="drills", loss="assistant", mix=DRILL_MIX, lr=2e-3,
+          data=dict(max_turns=3), seed_offset=20_000_000, batch_size=16),
+    Stage("stage1", train=("vision", "adapter"), mix={"caption": 1.0}, lr=1e-3, loss="text",
+          data=dict(max_pixels=LOW_RES, scene=dict(max_objects=3, large_prob=0.0)), gen1_image_size=112,
+          seed_offset=30_000_000, batch_size=16),
+    Stage("stage2", train=("vision", "adapter", "llm"), mix=None, lr=5e-4, loss="text", dense_weight=0.2,
+          seed_offset=40_000_000, batch_size=16),
+    Stage("stage3", train=("adapter", "llm"), mix=None, lr=2e-4, loss="assistant", data=dict(max_turns=3),
+          seed_offset=50_000_000, batch_size=16),
+    Stage("rs-sft", train=("adapter", "llm"), source="records", loss="assistant", lr=1e-4,
+          seed_offset=60_000_000, batch_size=16),
+    Stage("dpo", train=("adapter", "llm"), source="records", loss="dpo", lr=2e-5, beta=0.1, warmup=0.1,
+          seed_offset=70_000_000, batch_size=8, weight_decay=0.0),
+)}
+ORDER = ("vision-pretrain", "lm-pretrain", "stage1", "stage2", "stage3", "rs-sft", "dpo")
+
+# Samples per stage for `python -m qvl.train recipe` (multiplied by --scale). "rejection" = questions the
+# stage-3 model answers; "rs-sft" trains on the accepted ones (epochs over them, capped by this number);
+# "dpo" = preference pairs seen.
+BUDGETS = {"vision-pretrain": 12_000, "lm-pretrain": 16_000, "stage1": 6_000, "stage2": 40_000,
+           "stage3": 12_000, "rejection": 2_000, "rs-sft": 4_000, "dpo": 2_000}
+
+
+def get(name: str) -> Stage:
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; known: {', '.join(ORDER)}")
+    return STAGES[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Text drills: a scene or clip written as text, then the ordinary questions about it
+# --------------------------------------------------------------------------------------------------
+
+
+def _article(name: str) -> str:
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def describe_scene(sample: Sample, rng: np.random.Generator) -> str:
+    """Objects in random order with their boxes in the generation's own notation (the same notation the
+    answers use, so a grounding answer is a copy): the decoder must find the object by name."""
+    scene, g, sizes = sample.scene, sample.generation, sample.media
+    things = [f"{_article(s.name)} at {region_text(s.box, g, sizes)}" for s in scene.shapes]
+    things += [f'the text "{t.text}" at {region_text(t.box, g, sizes)}' for t in scene.texts]
+    order = rng.permutation(len(things)) if things else []
+    listed = "; ".join(things[i] for i in order) if things else "nothing"
+    return f"Scene: {listed}."
+
+
+def describe_clip(sample: Sample, rng: np.random.Generator) -> str:
+    clip = sample.clip
+    parts = []
+    for i in rng.permutation(len(clip.tracks)):
+        t = clip.tracks[int(i)]
+        parts.append(f"{_article(t.name)} moving {t.direction}, visible from {clip.time(t.appear):.1f} "
+                     f"to {clip.time(t.disappear):.1f} seconds")
+    return f"Video of {clip.duration:.1f} seconds: " + "; ".join(parts) + "."
+
+
+def drill(sample: Sample, seed: int) -> Sample:
+    """The sample with its image/video replaced by a text description (same questions and answers)."""
+    rng = np.random.default_rng([seed, 7])
+    text = describe_clip(sample, rng) if sample.clip is not None else describe_scene(sample, rng)
+    messages = [dict(m) for m in sample.messages]
+    first = [it for it in messages[0]["content"] if it.get("type") == "text"]
+    messages[0]["content"] = [{"type": "text", "text": text + "\n" + first[0]["text"]}] + first[1:]
+    return replace(sample, messages=messages, scene=None, clip=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sample streams
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_at(stage: Stage, generation: str, index: int, records: list[dict] | None = None) -> Sample | dict:
+    """The index-th training sample of a stage: deterministic, random access (each DDP rank and DataLoader
+    worker computes its own share from the index alone)."""
+    cfg = stage.data_config()
+    mix = stage.mix
+    if mix is not None and generation == "1":
+        mix = {k: v for k, v in mix.items() if k not in T.VIDEO_TASKS} or None
+    if stage.source == "tasks":
+        return next(iterate(generation, "train", mix=mix, config=cfg, start=stage.seed_offset + index))
+    if stage.source == "drills":
+        s = next(iterate(generation, "train", mix=mix, config=cfg, start=stage.seed_offset + index,
+                         render_media=False))
+        return drill(s, s.seed)
+    if stage.source == "records":
+        if not records:
+            raise ValueError(f"stage {stage.name!r} needs records (rejection-sampled answers or DPO pairs)")
+        return records[index % len(records)]
+    raise ValueError(f"unknown source {stage.source!r}")
+
+
+def record_sample(record: dict, generation: str, answer: str | None = None,
+                  config: DataConfig = DataConfig()) -> Sample:
+    """Rebuild the sample a record was made from (task, seed) with `answer` as the assistant's reply."""
+    s = make_sample(record["task"], record["seed"], generation, config)
+    messages = [dict(m) for m in s.messages]
+    messages[-1] = {"role": "assistant", "content": answer if answer is not None else record["answer"]}
+    return replace(s, messages=messages)
+
+
+def first_samples(stage: Stage, generation: str, n: int) -> list:
+    return list(itertools.islice((sample_at(stage, generation, i) for i in itertools.count()), n))
