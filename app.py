@@ -242,9 +242,9 @@ def chat_view(message, history, state, model_name, max_new_tokens, temperature, 
         yield history, nothing, nothing, "Type a message or attach an image/video.", nothing, nothing, state
         return
     history += shown
-    t0 = time.perf_counter()
     try:
-        vlm = store.get(model_name)
+        vlm = store.get(model_name)  # the first use loads the model (not counted in time to first token)
+        t0 = time.perf_counter()  # from here: media processing, prompt, prefill
         conversation.append(user)
         batch = vlm.prepare(conversation)
         item = _last_image(batch)
@@ -403,8 +403,8 @@ def build_demo(model_dirs=(), bundled=BUNDLED, device=None) -> gr.Blocks:
                     grid_img = gr.Image(label="resized input: 14-px patches (yellow), 2x2 merge units = tokens (red)",
                                         elem_id="grid_img", format="png")
                     mem_table = gr.Dataframe(label="memory and compute", elem_id="mem_table", interactive=False)
-                frames_img = gr.Image(label="video: sampled frames paired into temporal patches",
-                                      elem_id="frames_img", format="png")
+                frames_img = gr.Image(label="video uploads only: sampled frames paired into temporal patches",
+                                      elem_id="frames_img", format="png", height=240)
             with gr.Tab("Positions", id="positions"):
                 with gr.Row():
                     pos_prompt = gr.Textbox("What is in the picture?", label="prompt", elem_id="pos_prompt")
@@ -414,12 +414,13 @@ def build_demo(model_dirs=(), bundled=BUNDLED, device=None) -> gr.Blocks:
                                          interactive=False)
                 pos_plot = gr.Plot(elem_id="pos_plot")
                 pos_3d = gr.Plot(elem_id="pos_3d")
-                time_plot = gr.Plot(label="video time ids: Qwen2-VL vs Qwen2.5-VL", elem_id="time_plot")
+                time_plot = gr.Plot(label="video uploads only: time ids, Qwen2-VL vs Qwen2.5-VL", elem_id="time_plot")
             with gr.Tab("Window attention", id="windows"):
                 with gr.Row():
                     win_ckpt = gr.Dropdown(GEN25_CHECKPOINTS, value="Qwen/Qwen2.5-VL-7B-Instruct",
                                            label="checkpoint", elem_id="win_ckpt")
-                    win_layer = gr.Slider(0, 31, value=7, step=1, label="ViT block", elem_id="win_layer")
+                    win_layer = gr.Slider(0, 31, value=0, step=1, label="ViT block (7, 15, 23, 31: full attention)",
+                                          elem_id="win_layer")
                 win_msg = gr.Markdown()
                 with gr.Row():
                     win_img = gr.Image(label="windows over the resized image", elem_id="win_img", format="png")
@@ -443,7 +444,8 @@ def build_demo(model_dirs=(), bundled=BUNDLED, device=None) -> gr.Blocks:
                     with gr.Column(scale=3):
                         chatbot = gr.Chatbot(label="chat", elem_id="chat", height=420)
                         box = gr.MultimodalTextbox(file_types=["image", "video"], file_count="multiple",
-                                                   placeholder="Ask about an image or a video…", elem_id="mm")
+                                                   placeholder="Ask about an image or a video…", elem_id="mm",
+                                                   show_label=False)
                         with gr.Row():
                             stop = gr.Button("Stop", variant="stop", elem_id="stop")
                             clear = gr.Button("Clear", elem_id="clear")
