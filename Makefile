@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.qvl-installed
 
-.PHONY: app test lab inspect install assets bench clean
+.PHONY: app test lab inspect install assets bench notebooks clean
 
 # (Re)install when pyproject.toml changes. torch is pinned here: on a CPU-only
 # machine with the local wheel this is the CPU build, elsewhere the CUDA build.
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 app: $(STAMP)
+	$(PY) app.py
+
+inspect: $(STAMP)
 	$(PY) -m qvl inspect assets/shapes_640x480.png assets/text_scripts_1280x320.png assets/motion_4s_8fps.mp4
 
 test: $(STAMP)
@@ -34,6 +37,9 @@ assets: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_preprocess.py
 	$(PY) benchmarks/bench_positions.py
+
+notebooks: $(STAMP)
+	$(PY) notebooks/_build.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

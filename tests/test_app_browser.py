@@ -1,7 +1,8 @@
 """End to end in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright): open the
 app, upload a generated image, read its token count, ask the chat about it and see the answer and the
 drawn box. The chat model is the gen-2 checkpoint of conftest_app.make_box_model, whose weights make
-greedy decoding write one fixed box. Screenshots go to docs/screenshots/ and, when set, $QVL_ARTIFACTS.
+greedy decoding write one fixed box. Screenshots go to $QVL_ARTIFACTS when set, else out/screenshots/ (git-ignored);
+`QVL_ARTIFACTS=docs/screenshots pytest tests/test_app_browser.py` refreshes the ones in the docs.
 
 Skipped only when /usr/bin/chromium (apt: chromium) or the playwright package is missing.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from conftest_app import BOX_LABEL, BOX_TEXT, launch, make_box_model, make_tiny_
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = Path(os.environ.get("QVL_ARTIFACTS") or ROOT / "out" / "screenshots")
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
@@ -76,10 +76,6 @@ def _save(page_or_locator, name: str) -> Path:
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / name
     page_or_locator.screenshot(path=str(path), **({"full_page": True} if hasattr(page_or_locator, "goto") else {}))
-    artifacts = os.environ.get("QVL_ARTIFACTS")
-    if artifacts:
-        Path(artifacts).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(artifacts) / name)
     return path
 
 
