@@ -143,7 +143,8 @@ def recipe_main(argv) -> int:
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     for g in gens:
-        run_recipe(g, out, work, a.scale, a.device, a.workers, a.eval_n, seed=a.seed, fsdp=a.fsdp)
+        run_recipe(g, out, work, a.scale, a.device, a.workers, a.eval_n, dpo_eval_n=min(50, a.eval_n), seed=a.seed,
+                   fsdp=a.fsdp)
     return 0
 
 
