@@ -40,6 +40,97 @@ def _ids(value) -> list[int]:
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
+def _gen1_source_bytes(tokenizer) -> int:
+    # A path must leave one slot for the <imgpad> that ends it (gen-1 §3.3); tiny models have
+    # fewer than 256 slots, longer paths become the placeholder image-N.
+    return tokenizer.image_span - 1
+
+
+def encode(conversations, generation: str, tokenizer, config, *, add_generation_prompt: bool = True,
+           add_vision_id: bool = False, min_pixels: int | None = None, max_pixels: int | None = None):
+    """Conversations -> (token id rows, media items per row, vision kwargs for `model.embed`), unpadded.
+
+    Needs no weights: the trainer's collator calls it too, so training and inference build the
+    prompt the same way. min/max_pixels are image defaults that an item's own options override.
+    """
+    if generation == "1":
+        return _encode_gen1(conversations, tokenizer, config, add_generation_prompt)
+    return _encode_qwen2(conversations, tokenizer, config, add_generation_prompt, add_vision_id,
+                         min_pixels, max_pixels)
+
+
+def _encode_qwen2(conversations, tok, cfg, add_generation_prompt, add_vision_id, min_pixels, max_pixels):
+    image_defaults = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    rows, media_rows = [], []
+    images, videos = [], []
+    for conv in conversations:
+        counts = {"image": [], "video": []}
+        loaded = []
+        for entry in chat_format.vision_items(conv):
+            opts = entry["options"]
+            if entry["type"] == "image":
+                kw = {**image_defaults, **{k: v for k, v in opts.items() if k in _IMAGE_OPTIONS}}
+                x = media.process_image(entry["source"], **kw)
+                images.append(x)
+                n = x.image_tokens
+            else:
+                kw = {k: v for k, v in opts.items() if k in _VIDEO_OPTIONS}
+                x = media.process_video(entry["source"], **kw)
+                videos.append(x)
+                n = x.video_tokens
+            counts[entry["type"]].append(n)
+            loaded.append((entry["type"], x))
+        text = chat_format.render_qwen2(conv, add_generation_prompt, add_vision_id)
+        ids = tok.encode(chat_format.expand_pads(text, counts["image"], counts["video"]))
+        spans = chat_format.modality_spans(
+            ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+            image_tokens=counts["image"], video_tokens=counts["video"],
+        )
+        spans = [s for s in spans if s["type"] != "text"]
+        items = []
+        for s, (kind, x) in zip(spans, loaded):  # spans are in token order = order of appearance
+            info = {}
+            if kind == "video":
+                info = {"timestamps": x.timestamps, "frame_indices": x.frame_indices,
+                        "sampled_fps": x.sampled_fps, "second_per_grid_t": x.second_per_grid_t}
+            items.append(MediaItem(kind, 0, s["start"], s["end"], tuple(x.grid_thw),
+                                   tuple(x.original_size), tuple(x.resized_size), info))
+        rows.append(ids)
+        media_rows.append(items)
+    vision = {}
+    if images:
+        vision["pixel_values"] = torch.cat([x.pixel_values for x in images])
+        vision["image_grid_thw"] = torch.tensor([x.grid_thw for x in images], dtype=torch.long)
+    if videos:
+        vision["pixel_values_videos"] = torch.cat([x.pixel_values for x in videos])
+        vision["video_grid_thw"] = torch.tensor([x.grid_thw for x in videos], dtype=torch.long)
+        vision["second_per_grid_ts"] = [x.second_per_grid_t for x in videos]
+    return rows, media_rows, vision
+
+
+def _encode_gen1(conversations, tok, cfg, add_generation_prompt):
+    size = cfg.vision.image_size
+    rows, media_rows, pixels = [], [], []
+    for conv in conversations:
+        items = []
+        for entry in chat_format.vision_items(conv):
+            if entry["type"] != "image":
+                raise ValueError("Qwen-VL (gen 1) has no video input; use Qwen2-VL or Qwen2.5-VL for video")
+            img = media.load_image(entry["source"])
+            pixels.append(media.process_image_gen1(img, image_size=size))
+            items.append(MediaItem("image", 0, 0, 0, None, (img.height, img.width), (size, size)))
+        # The <img>…</img> reference in the text becomes n_queries slots in the tokenizer (gen-1 §3.3).
+        ids = tok.encode(chat_format.render_qwen_vl(conv, add_generation_prompt, _gen1_source_bytes(tok)))
+        opens = [i for i, t in enumerate(ids) if t == tok.img_start_id]
+        closes = [i for i, t in enumerate(ids) if t == tok.img_end_id]
+        for it, a, b in zip(items, opens, closes):
+            it.start, it.end = a + 1, b  # the slots strictly between the tags
+        rows.append(ids)
+        media_rows.append(items)
+    vision = {"images": torch.stack(pixels)} if pixels else {}
+    return rows, media_rows, vision
+
+
 class VLM:
     """A loaded model of any generation, with its tokenizer, stop ids and media defaults."""
 
@@ -74,12 +165,11 @@ class VLM:
         preprocessor_config.json, which wins over the qwen-vl-utils defaults in `qvl.media`.
         """
         conversations = chat_format._conversations(messages)
-        if self.generation == "1":
-            rows, media_rows, vision = self._prepare_gen1(conversations, add_generation_prompt)
-        else:
-            rows, media_rows, vision = self._prepare_qwen2(
-                conversations, add_generation_prompt, add_vision_id, min_pixels, max_pixels
-            )
+        rows, media_rows, vision = encode(
+            conversations, self.generation, self.tokenizer, self.config,
+            add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id,
+            min_pixels=self.min_pixels if min_pixels is None else min_pixels,
+            max_pixels=self.max_pixels if max_pixels is None else max_pixels)
         # Left padding: generation appends on the right, so every row's last token is real.
         T = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
@@ -99,91 +189,10 @@ class VLM:
         texts = [self._render(c, add_generation_prompt, add_vision_id) for c in conversations]
         return Batch(input_ids, attention_mask, vision, positions, deltas, media_items, texts)
 
-    @property
-    def _gen1_source_bytes(self) -> int:
-        # A path must leave one slot for the <imgpad> that ends it (gen-1 §3.3); tiny models have
-        # fewer than 256 slots, longer paths become the placeholder image-N.
-        return self.tokenizer.image_span - 1
-
     def _render(self, conversation, add_generation_prompt, add_vision_id) -> str:
         if self.generation == "1":
-            return chat_format.render_qwen_vl(conversation, add_generation_prompt, self._gen1_source_bytes)
+            return chat_format.render_qwen_vl(conversation, add_generation_prompt, _gen1_source_bytes(self.tokenizer))
         return chat_format.render_qwen2(conversation, add_generation_prompt, add_vision_id)
-
-    def _prepare_qwen2(self, conversations, add_generation_prompt, add_vision_id, min_pixels, max_pixels):
-        tok, cfg = self.tokenizer, self.config
-        image_defaults = {
-            "min_pixels": min_pixels if min_pixels is not None else self.min_pixels,
-            "max_pixels": max_pixels if max_pixels is not None else self.max_pixels,
-        }
-        rows, media_rows = [], []
-        images, videos = [], []
-        for conv in conversations:
-            counts = {"image": [], "video": []}
-            loaded = []
-            for entry in chat_format.vision_items(conv):
-                opts = entry["options"]
-                if entry["type"] == "image":
-                    kw = {**image_defaults, **{k: v for k, v in opts.items() if k in _IMAGE_OPTIONS}}
-                    x = media.process_image(entry["source"], **kw)
-                    images.append(x)
-                    n = x.image_tokens
-                else:
-                    kw = {k: v for k, v in opts.items() if k in _VIDEO_OPTIONS}
-                    x = media.process_video(entry["source"], **kw)
-                    videos.append(x)
-                    n = x.video_tokens
-                counts[entry["type"]].append(n)
-                loaded.append((entry["type"], x))
-            text = chat_format.render_qwen2(conv, add_generation_prompt, add_vision_id)
-            ids = tok.encode(chat_format.expand_pads(text, counts["image"], counts["video"]))
-            spans = chat_format.modality_spans(
-                ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-                image_tokens=counts["image"], video_tokens=counts["video"],
-            )
-            spans = [s for s in spans if s["type"] != "text"]
-            items = []
-            for s, (kind, x) in zip(spans, loaded):  # spans are in token order = order of appearance
-                info = {}
-                if kind == "video":
-                    info = {"timestamps": x.timestamps, "frame_indices": x.frame_indices,
-                            "sampled_fps": x.sampled_fps, "second_per_grid_t": x.second_per_grid_t}
-                items.append(MediaItem(kind, 0, s["start"], s["end"], tuple(x.grid_thw),
-                                       tuple(x.original_size), tuple(x.resized_size), info))
-            rows.append(ids)
-            media_rows.append(items)
-        vision = {}
-        if images:
-            vision["pixel_values"] = torch.cat([x.pixel_values for x in images])
-            vision["image_grid_thw"] = torch.tensor([x.grid_thw for x in images], dtype=torch.long)
-        if videos:
-            vision["pixel_values_videos"] = torch.cat([x.pixel_values for x in videos])
-            vision["video_grid_thw"] = torch.tensor([x.grid_thw for x in videos], dtype=torch.long)
-            vision["second_per_grid_ts"] = [x.second_per_grid_t for x in videos]
-        return rows, media_rows, vision
-
-    def _prepare_gen1(self, conversations, add_generation_prompt):
-        tok = self.tokenizer
-        size = self.config.vision.image_size
-        rows, media_rows, pixels = [], [], []
-        for conv in conversations:
-            items = []
-            for entry in chat_format.vision_items(conv):
-                if entry["type"] != "image":
-                    raise ValueError("Qwen-VL (gen 1) has no video input; use Qwen2-VL or Qwen2.5-VL for video")
-                img = media.load_image(entry["source"])
-                pixels.append(media.process_image_gen1(img, image_size=size))
-                items.append(MediaItem("image", 0, 0, 0, None, (img.height, img.width), (size, size)))
-            # The <img>…</img> reference in the text becomes n_queries slots in the tokenizer (gen-1 §3.3).
-            ids = tok.encode(chat_format.render_qwen_vl(conv, add_generation_prompt, self._gen1_source_bytes))
-            opens = [i for i, t in enumerate(ids) if t == tok.img_start_id]
-            closes = [i for i, t in enumerate(ids) if t == tok.img_end_id]
-            for it, a, b in zip(items, opens, closes):
-                it.start, it.end = a + 1, b  # the slots strictly between the tags
-            rows.append(ids)
-            media_rows.append(items)
-        vision = {"images": torch.stack(pixels)} if pixels else {}
-        return rows, media_rows, vision
 
     # ---- generation ---------------------------------------------------------------------------
 

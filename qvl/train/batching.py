@@ -1,9 +1,8 @@
 """Samples -> padded training batches: token ids, vision inputs, positions, labels, loss masks, dense targets.
 
 Rendering, tokenising and media processing are *not* re-implemented here: `Collator` calls the same
-code `qvl.api.VLM.prepare` runs (`VLM._prepare_qwen2` / `VLM._prepare_gen1`, through a model-less VLM
-whose `model` is a stand-in carrying only `config` and `generation`), so a training batch is tokenised
-exactly like an inference prompt. Then it differs from `prepare` in three ways:
+code `qvl.api.VLM.prepare` runs (`qvl.api.encode`, which needs no weights), so a training batch is
+tokenised exactly like an inference prompt. Then it differs from `prepare` in three ways:
 
 * the conversation is rendered with its answers (`add_generation_prompt=False`);
 * rows are padded on the *right*: every real token then only ever sees real tokens under the causal
@@ -29,12 +28,13 @@ Dense vision targets (`dense=True`, the vision pre-training stand-in, see `dense
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
+from types import SimpleNamespace
+
 import torch
 
-from qvl.api import VLM
+from qvl.api import encode
 from qvl.data.world import COLORS, KINDS, WORDS
 from qvl.generate import prompt_positions
 
@@ -47,13 +47,6 @@ N_LETTERS = 1 + len(LETTERS)  # 0 = no letter under this cell
 _LETTER_ID = {c: i + 1 for i, c in enumerate(LETTERS)}
 _COLOR_ID = {c: i for i, c in enumerate(COLORS)}
 _KIND_ID = {k: i for i, k in enumerate(KINDS)}
-
-
-def _stub_vlm(generation: str, tokenizer, config) -> VLM:
-    """A VLM without weights: prepare's tokenising and media code only read config, generation, tokenizer."""
-    model = SimpleNamespace(config=config, generation=generation)
-    pad = tokenizer.eod_id if generation == "1" else tokenizer.pad_id
-    return VLM(model, tokenizer, stop_ids=[], pad_id=pad)
 
 
 class Collator:
@@ -70,8 +63,8 @@ class Collator:
         if self.generation == "1" and gen1_image_size:
             config = replace(config, vision=replace(config.vision, image_size=gen1_image_size))
         self.config = config
-        self.vlm = _stub_vlm(self.generation, tokenizer, config)
-        self.pad_id = self.vlm.pad_id
+        self.pad_id = tokenizer.eod_id if self.generation == "1" else tokenizer.pad_id
+        self.spec = SimpleNamespace(generation=self.generation, config=config)  # what prompt_positions reads
         self.im_start, self.im_end = tokenizer.im_start_id, tokenizer.im_end_id
         self.header = [self.im_start] + tokenizer.encode("assistant\n")
         if self.generation == "1":
@@ -83,9 +76,7 @@ class Collator:
 
     def encode(self, conversations):
         """Rows of ids, media items per row, vision kwargs (what VLM.prepare computes, unpadded)."""
-        if self.generation == "1":
-            return self.vlm._prepare_gen1(conversations, False)
-        return self.vlm._prepare_qwen2(conversations, False, False, None, None)
+        return encode(conversations, self.generation, self.tokenizer, self.config, add_generation_prompt=False)
 
     def assistant_mask(self, ids: list[int]) -> list[bool]:
         """True on each assistant turn's content tokens and its closing <|im_end|>."""
@@ -132,7 +123,7 @@ class Collator:
         targets[:, 0] = False  # nothing predicts the first token
         labels = torch.full((B, T), IGNORE, dtype=torch.long)
         labels[:, :-1] = torch.where(targets[:, 1:], input_ids[:, 1:], IGNORE)
-        positions, _ = prompt_positions(self.vlm.model, input_ids, attention_mask, vision)
+        positions, _ = prompt_positions(self.spec, input_ids, attention_mask, vision)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "positions": positions, "vision": vision}
         if self.dense:
