@@ -13,12 +13,19 @@ vision inputs are never looked at again after prefill.
 
 Sampling follows transformers' order (repetition penalty, then temperature, top-k, top-p) and draws
 with the exponential trick, so no step needs a host sync except the (periodic) "all rows stopped" check.
+
+Decode steps are *static* (gpt-fast style): the cache slot is a LongTensor that the loop increments in
+place, the step writes there and attends over the whole preallocated cache under a mask, so every step
+has identical shapes and control flow. `compile=True` turns the step into one CUDA graph
+(`torch.compile(mode="reduce-overhead")`) that is replayed for every token: eager decode launches ~15
+kernels per layer, and at bs=1 that launch overhead, not HBM bandwidth, would set the speed.
 """
 
 from __future__ import annotations
 
 import codecs
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -98,7 +105,8 @@ def prompt_positions(model, input_ids, attention_mask, vision: dict) -> tuple[to
     )
 
 
-def _decode_positions(model, cache_len: int, rope_deltas: torch.Tensor) -> torch.Tensor:
+def _decode_positions(model, cache_len: int | torch.Tensor, rope_deltas: torch.Tensor) -> torch.Tensor:
+    """cache_len: the slot being written (an int, or a LongTensor for static steps: no host value needed)."""
     pos = decode_position_ids(cache_len, rope_deltas)  # (3, B, 1): equal on all axes after the prompt
     return pos[0] if model.generation == "1" else pos  # gen 1 wants (B, 1)
 
@@ -143,12 +151,19 @@ def prefill(model, batch: Batch, cache, pad_mask=None, *, capture=None) -> torch
     return _forward(model, embeds, batch.position_ids, cache, 0, pad_mask, capture)
 
 
-def decode_one(model, tokens, positions, cache, start: int, pad_mask=None, capture=None) -> torch.Tensor:
+def _token_embedding(model) -> torch.nn.Embedding:
+    return model.transformer.wte if model.generation == "1" else model.model.embed_tokens
+
+
+def decode_one(model, tokens, positions, cache, start, pad_mask=None, capture=None) -> torch.Tensor:
     """Feed one token per row ([B, 1]) at slot `start`. -> logits [B, V]
 
-    Kept free of Python introspection so `torch.compile` can trace it whole.
+    `start` an int: attend to slots [0, start]. `start` a LongTensor (static step): attend to the whole
+    cache under a mask, so the shapes are the same every step. Decoded tokens are plain text, so they go
+    straight through the embedding table (gen 1's `embed` checks for <img> tags with a host sync).
+    Kept free of Python introspection so `torch.compile(fullgraph=True)` can trace it whole.
     """
-    embeds = model.embed(tokens)
+    embeds = _token_embedding(model)(tokens)
     if capture is None:
         return model(embeds, positions, cache, start, pad_mask)[:, -1]
     return model(embeds, positions, cache, start, pad_mask, capture=capture)[:, -1]
@@ -226,6 +241,35 @@ def _stop_tensor(stop_ids, device) -> torch.Tensor:
     return torch.tensor(list(stop_ids), dtype=torch.long, device=device)
 
 
+_COMPILED: dict[str, object] = {}  # one compiled step per backend mode: a new torch.compile wrapper recompiles
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its static KV cache (compile only)
+CACHE_ROUND = 256  # compiled runs round the cache length up, so prompts of similar length share one graph
+
+
+def compiled_decode_step(device_type: str):
+    """`decode_one` compiled whole: CUDA graphs on CUDA (mode="reduce-overhead"), inductor's default elsewhere."""
+    mode = "reduce-overhead" if device_type == "cuda" else "default"
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(decode_one, mode=mode, fullgraph=True)
+    return _COMPILED[mode]
+
+
+def _static_cache(model, batch_size: int, max_len: int, device, dtype):
+    """The model's reusable compiled-decode cache (gpt-fast's setup_caches): same buffers, same addresses,
+    so a CUDA graph recorded in one `generate` call is replayed by the next one."""
+    max_len = -(-max_len // CACHE_ROUND) * CACHE_ROUND
+    cache = _CACHES.get(model)
+    want_dtype = dtype or model.lm_head.weight.dtype
+    if (cache is None or (cache.batch_size, cache.max_len) != (batch_size, max_len)
+            or cache.k[0].device != torch.device(device) or cache.k[0].dtype != want_dtype):
+        cache = model.make_cache(batch_size, max_len, device=device, dtype=dtype).mark_static()
+        _CACHES[model] = cache
+    else:  # stale keys sit behind the mask; zero them anyway so a NaN from an earlier run cannot leak (0 * NaN)
+        for t in cache.k + cache.v:
+            t.zero_()
+    return cache
+
+
 def _generator(seed, generator, device):
     if generator is not None or seed is None:
         return generator
@@ -256,7 +300,8 @@ def token_steps(
 
     A row that produced a stop id keeps yielding `pad_id`. `check_every`: how often to pay a host
     sync to see whether all rows stopped (default every step on CPU, every 8 steps elsewhere; at most
-    check_every-1 wasted steps, which `generate` trims).
+    check_every-1 wasted steps, which `generate` trims). `compile`: run the decode step through
+    `torch.compile(fullgraph=True)` (CUDA graphs on CUDA); the first call pays the compilation.
     """
     device = batch.input_ids.device
     B, T = batch.input_ids.shape
@@ -266,12 +311,19 @@ def token_steps(
     generator = _generator(seed, generator, device)
     stops = _stop_tensor(stop_ids, device)
 
-    cache = model.make_cache(B, T + max_new_tokens, device=device, dtype=cache_dtype)
-    # Key mask over every cache slot: the prompt's padding is False, generated slots are True (a slot
-    # is only read once written). None when nothing is padded, so the model can use plain causal SDPA.
+    # Static decode steps (slot as a tensor, attention over the whole cache) unless attention is being
+    # recorded: Capture keeps the growing int-slot path, whose maps span exactly the keys written so far.
+    static = capture is None
+    compile = compile and static
+    if compile:
+        cache = _static_cache(model, B, T + max_new_tokens, device, cache_dtype)
+    else:
+        cache = model.make_cache(B, T + max_new_tokens, device=device, dtype=cache_dtype)
+    # Key mask over every cache slot: the prompt's padding is False, later slots are True (a slot is only
+    # attended once written). None when nothing is padded, so the prefill can use plain causal SDPA.
     pad_mask = None
     if not bool(batch.attention_mask.bool().all()):
-        pad_mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
+        pad_mask = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
         pad_mask[:, :T] = batch.attention_mask.bool()
 
     # Tokens already in each row, for the repetition penalty. Unlike transformers, the left padding
@@ -284,9 +336,9 @@ def token_steps(
         ids = torch.where(batch.attention_mask.bool(), batch.input_ids, batch.input_ids[:, -1:])
         seen.scatter_(1, ids, True)
 
-    step = decode_one
-    if compile:
-        step = torch.compile(decode_one, dynamic=True)
+    step = compiled_decode_step(device.type) if compile else decode_one
+    mark_step = compile and device.type == "cuda"  # tell CUDA graphs each call is a new step (outputs get reused)
+    slot = torch.full((1,), T, dtype=torch.long, device=device)  # the static step's cache slot, advanced in place
 
     rope_deltas = batch.rope_deltas
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -304,8 +356,15 @@ def token_steps(
         # pad_id need not be a valid token id (e.g. -1).
         if seen is not None:
             seen.scatter_(1, raw[:, None], True)
-        positions = _decode_positions(model, T + i, rope_deltas)
-        logits = step(model, raw[:, None], positions, cache, T + i, pad_mask, capture)
+        if static:
+            positions = _decode_positions(model, slot, rope_deltas)
+            if mark_step:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step(model, raw[:, None], positions, cache, slot, pad_mask)
+            slot += 1
+        else:
+            positions = _decode_positions(model, T + i, rope_deltas)
+            logits = step(model, raw[:, None], positions, cache, T + i, pad_mask, capture)
 
 
 @torch.no_grad()

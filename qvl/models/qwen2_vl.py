@@ -308,8 +308,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, start, k, v)  # (B, nkv, start+T, hd)
+        if cache is not None:  # (B, nkv, start+T, hd); the whole cache (max_len slots) when start is a tensor
+            k, v = cache.update(self.layer_idx, start, k, v)
         if capture is not None:
             capture.record_attention(self.layer_idx, q, k, start, mask)
         y = attention(q, k, v, mask, is_causal=True)  # (B, nh, T, hd)
@@ -405,11 +405,14 @@ class Qwen2VL(nn.Module):
 
         cache/start: write keys and values for slots [start, start+T) and attend to slots [0, start+T).
         pad_mask [B, >= start+T] (True = real token) masks left padding. Without a cache, start must be 0.
+        A LongTensor `start` is a static decode step (same shapes every token, for CUDA graphs): attention
+        runs over all cache.max_len slots under a mask, and pad_mask should then span the cache.
         """
-        if cache is None and start != 0:
+        static = isinstance(start, torch.Tensor)
+        if cache is None and (static or start != 0):
             raise ValueError("start > 0 needs a KVCache holding the earlier tokens")
         cos, sin = mrope_cos_sin(positions.to(embeds.device), self.config.text, embeds.dtype)
-        mask = causal_mask(start, embeds.shape[1], pad_mask, embeds.device)
+        mask = causal_mask(start, embeds.shape[1], pad_mask, embeds.device, max_len=cache.max_len if static else None)
         h = self.model(embeds, cos, sin, mask, cache, start, capture)
         if last_only:  # generation only needs the next-token distribution: skip the [T, V] projection
             h = h[:, -1:]

@@ -332,9 +332,17 @@ def ntk_alpha(seq_len: int, threshold: int) -> float:
     return max(2 ** math.ceil(ctx) - 1, 1)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (B, T) -> cos, sin (B, 1, T, head_dim) in float32; angle table [freqs, freqs] (§5.3)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+def rope_inv_freq(head_dim: int, base: float, device=None) -> torch.Tensor:
+    """Rotary frequencies base^(-2j/hd), j < hd/2, in float32."""
+    return 1.0 / base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float,
+                 inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim) in float32; angle table [freqs, freqs] (§5.3).
+    `inv_freq` (precomputed frequencies) replaces `base` when given."""
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, base, positions.device)
     freqs = positions.float()[..., None] * inv_freq                      # (B, T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]                     # (B, 1, T, hd)
     return emb.cos(), emb.sin()
@@ -343,9 +351,11 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[t
 class QwenVLCache(KVCache):
     """The shared static KV cache plus the dynamic-NTK alpha chosen at prefill (§5.3: alpha is evaluated
     only when there is no past, from the prompt length, and reused by every later step on that cache, so
-    cached keys and new queries keep being rotated with the same base)."""
+    cached keys and new queries keep being rotated with the same base). The prefill also stores the rotary
+    frequencies it used as a tensor, so a compiled decode step reads them instead of branching on alpha."""
 
     ntk_alpha: float = 1.0
+    inv_freq: torch.Tensor | None = None  # (hd/2,) float32, set at prefill
 
 
 class QWenAttention(nn.Module):
@@ -367,8 +377,8 @@ class QWenAttention(nn.Module):
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)                # cached keys are already rotated
         if logn is not None:
             q = q * logn.to(q.dtype)                                     # queries only, after RoPE (§5.3)
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)                      # (B, h, start+T, hd)
+        if cache is not None:                                            # (B, h, start+T, hd); all
+            k, v = cache.update(layer, start, k, v)                      # max_len slots if start is a tensor
         y = attention(q, k, v, mask, is_causal=True)                     # scale 1/sqrt(hd)
         if capture is not None:                                          # only for layers in capture.layers
             capture.record_attention(layer, q, k, start, mask)           # q as attended: rotated, log-n scaled
@@ -501,35 +511,42 @@ class QwenVL(nn.Module):
 
         cache/start: write keys and values for slots [start, start+T) and attend to slots [0, start+T).
         pad_mask (B, >= start+T) True on real tokens masks left padding. Without a cache, start must be 0.
+        A LongTensor `start` is a static decode step (same shapes every token, for CUDA graphs): attention
+        runs over all cache.max_len slots under a mask, and pad_mask should then span the cache.
         """
-        if cache is None and start != 0:
+        static = isinstance(start, torch.Tensor)
+        if cache is None and (static or start != 0):
             raise ValueError("start > 0 needs a KVCache holding the earlier tokens")
         positions = positions.to(embeds.device)
         t = self.config.text
         B, T, _ = embeds.shape
         inference = not self.training
+        hd = t.kv_channels
         # Dynamic NTK (§5.3): the rotary base grows with the sequence length, but the released code picks
         # alpha only at prefill (no past: the whole sequence is the input, start + T == T) and reuses it on
-        # later steps; the cache remembers it. Full forwards without a cache are prefills.
-        alpha = 1.0
-        if inference and t.use_dynamic_ntk:
-            if cache is None or start == 0:
-                alpha = ntk_alpha(start + T, t.seq_length)
-                if cache is not None:
-                    cache.ntk_alpha = alpha
-            else:
-                alpha = getattr(cache, "ntk_alpha", 1.0)
+        # later steps; the cache remembers alpha and the frequencies it gave (a tensor, so later steps -
+        # compiled ones included - never branch on it). Full forwards without a cache are prefills.
+        if cache is None or (not static and start == 0):
+            alpha = ntk_alpha(T, t.seq_length) if inference and t.use_dynamic_ntk else 1.0
+            inv_freq = rope_inv_freq(hd, t.rotary_emb_base * alpha ** (hd / (hd - 2)), embeds.device)
+            if cache is not None:
+                cache.ntk_alpha, cache.inv_freq = alpha, inv_freq
+        else:
+            inv_freq = getattr(cache, "inv_freq", None)
+            if inv_freq is None:  # a cache filled by other means: alpha as stored (1 by default)
+                alpha = getattr(cache, "ntk_alpha", 1.0) if inference and t.use_dynamic_ntk else 1.0
+                inv_freq = rope_inv_freq(hd, t.rotary_emb_base * alpha ** (hd / (hd - 2)), embeds.device)
         # Rotary angles and log-n use the caller's positions. The released code ignored position_ids and used
         # cache slots 0..kv_len-1 (§5.3); the two agree for unpadded rows, and with left padding
         # `qvl.positions.text_position_ids` gives each row the positions it would have on its own.
-        hd = t.kv_channels
-        cos, sin = rope_cos_sin(positions, hd, t.rotary_emb_base * alpha ** (hd / (hd - 2)))   # (B, 1, T, hd)
-        # log-n (§5.3): a query at position p >= seq_length is scaled by log(p+1) / log(seq_length).
+        cos, sin = rope_cos_sin(positions, hd, t.rotary_emb_base, inv_freq=inv_freq)   # (B, 1, T, hd)
+        # log-n (§5.3): a query at position p >= seq_length is scaled by log(p+1) / log(seq_length) - a
+        # torch.where on the position tensor, so it needs no host value either.
         logn = None
         if inference and t.use_logn_attn:
             p1 = positions.float()[:, None, :, None] + 1                 # (B, 1, T, 1)
             logn = torch.where(p1 > t.seq_length, p1.log() / math.log(t.seq_length), torch.ones_like(p1))
-        mask = causal_mask(start, T, pad_mask, device=embeds.device)
+        mask = causal_mask(start, T, pad_mask, device=embeds.device, max_len=cache.max_len if static else None)
         x = embeds
         for i, block in enumerate(self.transformer.h):
             x = block(x, cos, sin, logn, mask, cache, i, start, capture if capture and i in capture.layers else None)
