@@ -356,3 +356,135 @@ def test_capture_is_forwarded_to_prefill_and_every_decode_step(pair, tokenizer):
     assert len(cap.vision) == 1 and cap.vision[0]["block"] == 0  # the ViT ran once, at prefill
     for a in cap.attn[1]:
         torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
+
+
+# ------------------------------------------------------------------ static decode steps (CUDA-graph ready)
+
+
+def _static_decode(model, batch, cont, extra_slots=5):
+    """Prefill, then teacher-force `cont` through static steps (slot tensor, whole-cache attention) on a
+    cache longer than needed whose unwritten slots hold garbage. -> logits [B, n, V], the cache"""
+    B, T = batch.input_ids.shape
+    n = cont.shape[1]
+    cache = model.make_cache(B, T + n + extra_slots)
+    for t in cache.k + cache.v:  # stale keys/values must be masked, not merely zero
+        t.normal_(0, 10, generator=torch.Generator().manual_seed(5))
+    pad_mask = torch.cat([batch.attention_mask.bool(), torch.ones(B, n + extra_slots, dtype=torch.bool)], dim=1)
+    steps = [G.prefill(model, batch, cache, pad_mask)]
+    slot = torch.tensor([T])
+    for i in range(n - 1):
+        pos = G._decode_positions(model, slot, batch.rope_deltas)
+        steps.append(G.decode_one(model, cont[:, i:i + 1], pos, cache, slot, pad_mask))
+        slot += 1
+    return torch.stack(steps, dim=1), cache
+
+
+def test_static_decode_equals_full_forward(pair, tokenizer):
+    gen, hf, vlm = pair
+    model = vlm.model
+    ids, mask, vision = _case("batch", tokenizer)  # left-padded, an image in the second row
+    T, n = ids.shape[1], 6
+    cont = torch.randint(0, 300, (ids.shape[0], n), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        steps, _ = _static_decode(model, G.Batch(ids, mask, dict(vision)), cont)
+        full_ids, full_mask = torch.cat([ids, cont], dim=1), torch.cat([mask, torch.ones_like(cont)], dim=1)
+        full = model(model.embed(full_ids, **vision), _full_positions(model, full_ids, full_mask, vision), None, 0,
+                     full_mask.bool())
+    torch.testing.assert_close(steps, full[:, T - 1:T - 1 + n], atol=1e-5, rtol=1e-4)  # logits ~10: 1e-6 relative
+
+
+def _gen1_model(**text):
+    from qvl.models.qwen_vl import QwenVL, QwenVLConfig, TextConfig, VisionConfig
+
+    t = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, kv_channels=8,
+             intermediate_size=48)
+    vision = VisionConfig(image_size=56, width=24, layers=1, heads=3, mlp_ratio=2.0, output_dim=32,
+                          image_start_id=290, n_queries=16, pos_grid=2)
+    torch.manual_seed(0)
+    model = QwenVL(QwenVLConfig(TextConfig(**t, **text), vision)).eval()
+    with torch.no_grad():
+        for p in model.transformer.h.parameters():
+            p.normal_(0.0, 0.3)  # peaked attention: a wrong mask or rotary base shows in the logits
+    return model
+
+
+def _gen1_batch():
+    """Two left-padded gen-1 prompts; the longer one holds an <img> span (16 slots)."""
+    a = [5, 6, 7, 8]
+    b = [9, 10, 290] + [11] * 16 + [291, 12, 13, 14]
+    ids, mask = _left_pad([a, b], 0)
+    return G.Batch(ids, mask, {"images": torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(2))})
+
+
+def test_static_decode_equals_full_forward_gen1():
+    from qvl.positions import text_position_ids
+
+    model = _gen1_model()
+    batch = _gen1_batch()
+    T, n = batch.input_ids.shape[1], 6
+    cont = torch.randint(20, 280, (2, n), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        steps, _ = _static_decode(model, batch, cont)
+        full_ids = torch.cat([batch.input_ids, cont], dim=1)
+        full_mask = torch.cat([batch.attention_mask, torch.ones_like(cont)], dim=1)
+        full = model(model.embed(full_ids, batch.vision["images"]), text_position_ids(full_mask), None, 0,
+                     full_mask.bool())
+    torch.testing.assert_close(steps, full[:, T - 1:T - 1 + n], atol=1e-5, rtol=1e-4)  # logits ~10: 1e-6 relative
+
+
+def test_static_decode_keeps_prefill_ntk_and_applies_logn_gen1():
+    """seq_length 16, a 23-slot prompt: alpha = 3 is fixed at prefill and log-n scales every decode query.
+    The static steps (slot tensor, alpha's frequencies read from the cache) equal the int-slot steps."""
+    model = _gen1_model(seq_length=16)
+    batch = _gen1_batch()
+    T, n = batch.input_ids.shape[1], 6
+    cont = torch.randint(20, 280, (2, n), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        static, cache = _static_decode(model, batch, cont, extra_slots=0)
+        assert cache.ntk_alpha == 3
+        ref_cache = model.make_cache(2, T + n)
+        pad_mask = torch.cat([batch.attention_mask.bool(), torch.ones(2, n, dtype=torch.bool)], dim=1)
+        ref = [G.prefill(model, G.Batch(batch.input_ids, batch.attention_mask, batch.vision), ref_cache, pad_mask)]
+        for i in range(n - 1):
+            pos = G._decode_positions(model, T + i, batch.rope_deltas)
+            ref.append(G.decode_one(model, cont[:, i:i + 1], pos, ref_cache, T + i, pad_mask))
+        plain = _gen1_model(seq_length=16, use_dynamic_ntk=False, use_logn_attn=False)
+        other, _ = _static_decode(plain, G.Batch(batch.input_ids, batch.attention_mask, batch.vision), cont)
+    torch.testing.assert_close(static, torch.stack(ref, dim=1), atol=1e-5, rtol=1e-5)
+    assert (static[:, 1:] - other[:, 1:]).abs().amax() > 1e-3  # the scalings are really in effect
+
+
+def _eager_compiled_step(monkeypatch):
+    """Swap generate's compiled step for a fullgraph trace with the eager backend (fast on CPU), and make
+    any recompilation an error: the proof that every decode step presents identical inputs."""
+    torch._dynamo.reset()
+    monkeypatch.setitem(G._COMPILED, "default", torch.compile(G.decode_one, backend="eager", fullgraph=True))
+    return torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True)
+
+
+def test_compiled_decode_never_recompiles(pair, tokenizer, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    gen, hf, vlm = pair
+    ids, mask, vision = _case("batch", tokenizer)
+    want = G.generate(vlm.model, G.Batch(ids, mask, dict(vision)), 8)
+    counters.clear()
+    with _eager_compiled_step(monkeypatch):
+        got = G.generate(vlm.model, G.Batch(ids, mask, dict(vision)), 8, compile=True)
+        again = G.generate(vlm.model, G.Batch(ids, mask, dict(vision)), 8, compile=True)  # reuses cache and graph
+    torch._dynamo.reset()
+    assert got.tolist() == want.tolist() and again.tolist() == want.tolist()
+    assert counters["stats"]["unique_graphs"] == 1  # 14 steps, one trace, no graph break (fullgraph)
+
+
+def test_compiled_decode_never_recompiles_gen1(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    model = _gen1_model(seq_length=16)  # NTK and log-n active while decoding
+    want = G.generate(model, _gen1_batch(), 6)
+    counters.clear()
+    with _eager_compiled_step(monkeypatch):
+        got = G.generate(model, _gen1_batch(), 6, compile=True)
+    torch._dynamo.reset()
+    assert got.tolist() == want.tolist()
+    assert counters["stats"]["unique_graphs"] == 1
