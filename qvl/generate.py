@@ -261,7 +261,8 @@ def _static_cache(model, batch_size: int, max_len: int, device, dtype):
     cache = _CACHES.get(model)
     want_dtype = dtype or model.lm_head.weight.dtype
     if (cache is None or (cache.batch_size, cache.max_len) != (batch_size, max_len)
-            or cache.k[0].device != torch.device(device) or cache.k[0].dtype != want_dtype):
+            or cache.k[0].device != torch.device(device) or cache.k[0].dtype != want_dtype
+            or cache.k[0].is_inference() != torch.is_inference_mode_enabled()):  # inference tensors stay there
         cache = model.make_cache(batch_size, max_len, device=device, dtype=dtype).mark_static()
         _CACHES[model] = cache
     else:  # stale keys sit behind the mask; zero them anyway so a NaN from an earlier run cannot leak (0 * NaN)
