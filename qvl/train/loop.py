@@ -290,17 +290,17 @@ def write_log(out: Path, rows: list[dict], title: str) -> None:
         w.writeheader()
         w.writerows(rows)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A bare Figure with no pyplot: switching the global backend here would silently turn off
+        # inline plots in a notebook that trains.
+        from matplotlib.figure import Figure
     except ImportError:
         return
     x = [r["samples"] for r in rows]
     y = [r["loss"] for r in rows]
     k = max(1, len(y) // 20)
     smooth = [sum(y[max(0, i - k + 1):i + 1]) / len(y[max(0, i - k + 1):i + 1]) for i in range(len(y))]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(x, y, alpha=0.35, lw=0.8, label="loss")
     ax.plot(x, smooth, lw=1.5, label=f"running mean ({k})")
     ax.set_xlabel("samples")
@@ -309,7 +309,6 @@ def write_log(out: Path, rows: list[dict], title: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss.png")
-    plt.close(fig)
 
 
 class Progress:
