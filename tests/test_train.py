@@ -188,6 +188,53 @@ def test_resume_reproduces_the_uninterrupted_run(tok_dir, tmp_path):
     assert len(rows) == 1 + 4  # header + one row per step, across the interruption
 
 
+@pytest.mark.parametrize("generation", ["1", "2.5"])
+def test_labelled_positions_loss_equals_the_full_lm_loss(generation, tok_dir):
+    from qvl.train.batching import embed_kwargs
+    from qvl.train.loop import labelled_lm_loss, lm_loss
+
+    model, tok = micro_model(generation, tok_dir)
+    stage = small(S.get("stage3"))
+    batch = fixed_batch(stage, generation, model, tok)
+    embeds = model.embed(batch["input_ids"], **embed_kwargs(batch["vision"]))
+    full = lm_loss(model(embeds, batch["positions"]), batch["labels"])
+    fast = labelled_lm_loss(model, embeds, batch["positions"], batch["labels"])
+    assert torch.allclose(full, fast, atol=1e-5)
+    assert model.lm_head._forward_pre_hooks == {}  # the hook is gone afterwards (generation is untouched)
+
+
+def test_length_bucketing_regroups_the_same_samples_with_less_padding(tok_dir):
+    from qvl.train.loop import StageData
+
+    model, tok = micro_model("2.5", tok_dir)
+    stage = small(S.get("stage2"), batch_size=4)
+    coll = Collator("2.5", tok, model.config, loss="text")
+
+    def seeds(data, steps):
+        return [[(s.task, s.seed) for s in data.samples(k)] for k in steps]
+
+    plain = StageData(stage, "2.5", coll, 4, 0, 8, bucket=1)
+    bucketed = StageData(stage, "2.5", coll, 4, 0, 8, bucket=4)
+    a, b = seeds(plain, range(8)), seeds(bucketed, range(8))
+    assert sorted(itertools.chain(*a[:4])) == sorted(itertools.chain(*b[:4]))  # chunk 0: same samples
+    assert sorted(itertools.chain(*a[4:])) == sorted(itertools.chain(*b[4:]))
+    assert b == seeds(StageData(stage, "2.5", coll, 4, 0, 8, bucket=4), range(8))  # deterministic
+    # two ranks: disjoint shards whose union is the one-process chunk
+    r0 = seeds(StageData(stage, "2.5", coll, 2, 0, 8, rank=0, world=2, bucket=4), range(4))
+    r1 = seeds(StageData(stage, "2.5", coll, 2, 0, 8, rank=1, world=2, bucket=4), range(4))
+    assert sorted(itertools.chain(*r0, *r1)) == sorted(itertools.chain(*a[:4]))
+
+    def pad_fraction(data):
+        real = total = 0
+        for k in range(8):
+            batch = coll(data.samples(k))
+            real += int(batch["attention_mask"].sum())
+            total += batch["attention_mask"].numel()
+        return 1 - real / total
+
+    assert pad_fraction(bucketed) < pad_fraction(plain)
+
+
 @pytest.mark.parametrize("generation", ["1", "2", "2.5"])
 def test_saved_tiny_models_open_with_qvl_load_and_answer(generation, tok_dir, tmp_path):
     import qvl

@@ -39,12 +39,15 @@ ACCEPT_IOU = 0.5
 
 def sequence_logps(model, batch: dict) -> torch.Tensor:
     """Sum over each row's label tokens of log p(token | prefix). -> [B] (fp32)"""
+    from qvl.train.loop import labelled_logits  # the LM head runs on the answer tokens only
+
     embeds = model.embed(batch["input_ids"], **embed_kwargs(batch["vision"]))
-    logits = model(embeds, batch["positions"]).float()
     labels = batch["labels"]
     mask = labels != IGNORE
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return (logp * mask).sum(dim=1)
+    logits = labelled_logits(model, embeds, batch["positions"], mask).float()  # [N, V]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[mask][:, None])[:, 0]
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[mask]
+    return torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
 
 
 def dpo_loss(policy: torch.Tensor, ref: torch.Tensor, beta: float):

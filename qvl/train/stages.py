@@ -54,6 +54,7 @@ class Stage:
     seed_offset: int = 0
     beta: float = 0.1  # DPO temperature
     max_turns_eval: int = 1
+    bucket: int = 8  # length bucketing: sort the samples of this many steps by length (qvl.train.loop.StageData)
 
     @property
     def lm(self) -> bool:
@@ -74,6 +75,11 @@ IMAGE_MIX = {t: 1.0 for t in T.IMAGE_TASKS}
 # Drills ask every task; captions are rarer (listing shapes left to right is a sort, not a look-up).
 DRILL_MIX = {**{t: 1.0 for t in T.TASKS}, "caption": 0.5}
 LOW_RES = 128 * 28 * 28  # stage 1: at most 128 visual tokens per image (prototype canvases: 16-144)
+# Stage 2 at <= 256 tokens per image ("smaller canvases early"): only the large canvases (15 %, up to 896 px)
+# are scaled down; it cuts stage 2's decoder tokens by ~1/6 (measured: docs/training_log.md). Native
+# resolution (DataConfig.max_pixels = 640 tokens) comes back in stage 3, so the small text on large
+# canvases is seen at full size before the model ships.
+MID_RES = 256 * 28 * 28
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("vision-pretrain", train=("vision", "adapter"), loss="dense", mix=IMAGE_MIX, lr=2e-3,
@@ -84,7 +90,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           data=dict(max_pixels=LOW_RES, scene=dict(max_objects=3, large_prob=0.0)), gen1_image_size=112,
           seed_offset=30_000_000, batch_size=16),
     Stage("stage2", train=("vision", "adapter", "llm"), mix=None, lr=5e-4, loss="text", dense_weight=0.2,
-          seed_offset=40_000_000, batch_size=16),
+          data=dict(max_pixels=MID_RES), seed_offset=40_000_000, batch_size=16),
     Stage("stage3", train=("adapter", "llm"), mix=None, lr=2e-4, loss="assistant", data=dict(max_turns=3),
           seed_offset=50_000_000, batch_size=16),
     Stage("rs-sft", train=("adapter", "llm"), source="records", loss="assistant", lr=1e-4,
