@@ -1515,7 +1515,8 @@ for ax, name in zip(axes, live):
     rows = list(csv.DictReader(open(runs[name]["dir"] / "loss.csv")))
     x = [int(r["samples"]) for r in rows]
     ax.plot(x, [float(r["loss"]) for r in rows], "o-", ms=3, label="total")
-    if "dense_loss" in rows[0] and STAGES[name].loss != "dense":
+    # loss.csv has a dense_loss column for every stage; it is filled only where a dense aux loss runs
+    if STAGES[name].loss != "dense" and all(r.get("dense_loss") for r in rows):
         ax.plot(x, [float(r["dense_loss"]) for r in rows], "s--", ms=3, label="dense aux")
         ax.legend(fontsize=7)
     ax.set_title(f"{name}\n({STAGES[name].loss} loss, trains {'+'.join(STAGES[name].train)})", fontsize=8)
