@@ -1,7 +1,7 @@
 """Qwen2.5-VL in plain PyTorch: what changes relative to Qwen2-VL, and only that.
 
 Paper: "Qwen2.5-VL Technical Report" (arXiv:2502.13923). Behaviour follows transformers'
-models/qwen2_5_vl/modeling_qwen2_5_vl.py (4.57), docs/reference §3.4-§3.6 (cited as §n below).
+models/qwen2_5_vl/modeling_qwen2_5_vl.py (4.57), the project reference notes (shared/reference/qwen2_qwen25_qwen3_vl.md) §3.4-§3.6, cited as §n below.
 
 Differences from Qwen2-VL (everything else is imported from qwen2_vl.py unchanged):
   * ViT blocks use RMSNorm and a SwiGLU MLP *with* biases (§3.4); the merger norm is an RMSNorm (§3.5)

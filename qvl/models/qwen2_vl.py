@@ -2,7 +2,7 @@
 
 Paper: "Qwen2-VL: Enhancing Vision-Language Model's Perception of the World at Any Resolution"
 (arXiv:2409.12191). Behaviour follows transformers' models/qwen2_vl/modeling_qwen2_vl.py (4.57),
-as described in docs/reference §3-§4 (cited as §n below). Read top to bottom:
+as described in the project reference notes (shared/reference/qwen2_qwen25_qwen3_vl.md) §3-§4, cited as §n below. Read top to bottom:
 
   Capture            opt-in recording of attention maps / hidden states ("looking inside")
   vision tower       PatchEmbed -> VisionAttention / VisionMLP -> VisionBlock -> PatchMerger -> VisionTransformer
