@@ -15,29 +15,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import positions
 from ..config import VisionConfig
 from .layers import RMSNorm
-from .qwen2_vl import Capture, PatchEmbed, PatchMerger, Qwen2VL, Segments, VisionBlock, _vision_probe, vision_rotary
+from .qwen2_vl import MLP, Capture, PatchEmbed, PatchMerger, Qwen2VL, Segments, VisionBlock, _vision_probe, vision_rotary
 
 
 def rms_norm(dim: int) -> RMSNorm:
     return RMSNorm(dim, eps=1e-6)
 
 
-class VisionSwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), all three projections with bias (§3.4)."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.mlp_dim, bias=True)
-        self.up_proj = nn.Linear(cfg.dim, cfg.mlp_dim, bias=True)
-        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.dim, bias=True)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+def vision_swiglu(cfg: VisionConfig) -> MLP:
+    """The ViT MLP: the decoder's SwiGLU, with biases on all three projections (§3.4)."""
+    return MLP(cfg.dim, cfg.mlp_dim, bias=True)
 
 
 class WindowVisionTransformer(nn.Module):
@@ -52,7 +43,7 @@ class WindowVisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
-        self.blocks = nn.ModuleList(VisionBlock(cfg, norm=rms_norm, mlp=VisionSwiGLU) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(VisionBlock(cfg, norm=rms_norm, mlp=vision_swiglu) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg, norm=rms_norm)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw, capture: Capture | None = None) -> torch.Tensor:
