@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 from qvl.data import tasks as T
@@ -126,9 +127,83 @@ def evaluate_dir(model_dir, n: int = 500, tasks=None, batch_size: int = 16, devi
     return results, cost_of(fn.stats), vlm.generation
 
 
+# --------------------------------------------------------------------------------------------------
+# The ablation: the three tiny generations on the same held-out set
+# --------------------------------------------------------------------------------------------------
+
+ABLATION_TASKS = ("ocr", "ground", "video_when")
+COST_SIDES = (224, 448, 896)  # square canvases for the vision-cost columns
+
+
+def vision_cost(vlm, sides: Sequence[int] = COST_SIDES, repeats: int = 5) -> dict:
+    """Vision tokens and milliseconds of the vision tower (ViT + merger / resampler, no decoder) for one square
+    image per side, at native resolution (gen 2/2.5: max_pixels raised so nothing is scaled down; gen 1: its
+    fixed input). -> {side: {"tokens", "ms"}}; ms is the best of `repeats` runs."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    out = {}
+    for side in sides:
+        img = Image.fromarray(np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8))
+        item = {"type": "image", "image": img, "max_pixels": side * side + 28 * 28}
+        batch = vlm.prepare([{"role": "user", "content": [item, {"type": "text", "text": "."}]}])
+        v = batch.vision
+        if vlm.generation == "1":
+            run = lambda: vlm.model.transformer.visual(v["images"])  # noqa: E731
+        else:
+            run = lambda: vlm.model.visual(v["pixel_values"], v["image_grid_thw"])  # noqa: E731
+        times = []
+        with torch.inference_mode():
+            run()  # warm-up
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+        out[side] = {"tokens": batch.media[0].tokens, "ms": 1000 * min(times)}
+    return out
+
+
+def ablation(model_dirs: Sequence, n: int = 500, device=None) -> list[dict]:
+    """One row per model: small vs normal text OCR, grounding, video timing, vision cost vs resolution."""
+    import qvl
+
+    rows = []
+    for d in model_dirs:
+        vlm = qvl.load(d, device=device)
+        results = evaluate(vlm_reply_fn(vlm), vlm.generation, ABLATION_TASKS, n)
+        rows.append({"model": str(d), "generation": vlm.generation, "results": results,
+                     "vision_cost": vision_cost(vlm)})
+    return rows
+
+
+def format_ablation(rows: list[dict]) -> str:
+    """A markdown table of `ablation` rows."""
+    big = f"<{SMALL_TEXT_PX}px"
+    cost_cols = [f"vision {s}² (tokens / ms)" for s in COST_SIDES]
+    head = ["generation", "what differs", f"OCR >= {SMALL_TEXT_PX} px", f"OCR < {SMALL_TEXT_PX} px (large canvases)",
+            "ground mIoU", "IoU >= 0.5", f"video when (±{T.WHEN_TOLERANCE_S} s)", *cost_cols]
+    differs = {"1": "fixed 224² + resampler, 0-1000 boxes, no video",
+               "2": "native res, full-attention ViT, 0-1000 boxes, M-RoPE time = frame index",
+               "2.5": "native res, window ViT, absolute-pixel boxes, M-RoPE time = seconds"}
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        res, g = r["results"], r["generation"]
+        ocr, ground, when = res.get("ocr", {}), res.get("ground", {}), res.get("video_when")
+        cells = [g, differs.get(g, ""), _pct(ocr.get(f">={SMALL_TEXT_PX}px")) + f" (n={ocr.get(f'n>={SMALL_TEXT_PX}px', 0)})",
+                 _pct(ocr.get(big)) + f" (n={ocr.get('n' + big, 0)})",
+                 f"{ground.get('score', 0):.3f}", _pct(ground.get("iou>=0.5")),
+                 _pct(when["score"]) if when else "no video"]
+        cells += [f"{c['tokens']} / {c['ms']:.1f}" for c in r["vision_cost"].values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qvl.eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("model_dir")
+    ap.add_argument("model_dir", nargs="+", help="one model directory, or several with --ablation")
+    ap.add_argument("--ablation", action="store_true",
+                    help="the generations side by side: OCR by text size, grounding, video timing, vision cost")
     ap.add_argument("--n", type=int, default=500, help="samples per task (first n eval seeds)")
     ap.add_argument("--tasks", nargs="+", default=None, help=f"subset of {' '.join(DEFAULT_TASKS)}")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -140,13 +215,22 @@ def main(argv=None) -> int:
 
     if (args.device or "cpu") == "cpu" and not torch.cuda.is_available():
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    results, cost, generation = evaluate_dir(args.model_dir, args.n, args.tasks, args.batch_size, args.device,
-                                             args.examples)
-    if args.json:
-        print(json.dumps({"model": str(args.model_dir), "generation": generation, "results": results,
-                          "cost": cost}, indent=2))
-    else:
-        print(format_table(results, cost, f"{args.model_dir} (gen {generation}), held-out seeds"))
+    missing = [d for d in args.model_dir if not (Path(d) / "config.json").is_file()]
+    if missing:  # one line, not a traceback
+        print(f"qvl.eval: {missing[0]}: not a model directory (no config.json)", file=sys.stderr)
+        return 2
+    if args.ablation:
+        rows = ablation(args.model_dir, args.n, args.device)
+        print(json.dumps(rows, indent=2) if args.json else format_ablation(rows))
+        return 0
+    for model_dir in args.model_dir:
+        results, cost, generation = evaluate_dir(model_dir, args.n, args.tasks, args.batch_size, args.device,
+                                                 args.examples)
+        if args.json:
+            print(json.dumps({"model": str(model_dir), "generation": generation, "results": results,
+                              "cost": cost}, indent=2))
+        else:
+            print(format_table(results, cost, f"{model_dir} (gen {generation}), held-out seeds"))
     return 0
 
 
