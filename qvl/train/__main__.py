@@ -59,8 +59,29 @@ def stage_main(argv) -> int:
     return 0
 
 
+PROBE_TASKS = ("color", "shape", "count", "ground")
+
+
+def probe(stage_dir: Path, generation: str, n: int, device=None) -> dict:
+    """A small held-out check after a stage (PROBE_TASKS, n each) -> {task: score}, kept in
+    STAGE/probe.json: where along the recipe the model starts to use the image."""
+    from qvl import eval as E
+    from qvl.train.loop import model_dir_of
+
+    path = stage_dir / "probe.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    results = E.evaluate_dir(model_dir_of(stage_dir), n, tasks=PROBE_TASKS, device=device)[0]
+    scores = {t: round(float(r["score"]), 4) for t, r in results.items()}
+    path.write_text(json.dumps(scores) + "\n")
+    print(f"gen {generation} after {stage_dir.name}: " + ", ".join(f"{t} {v:.2f}" for t, v in scores.items()),
+          flush=True)
+    return scores
+
+
 def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, device=None, workers=None,
-               eval_n: int = 200, dpo_eval_n: int = 50, seed: int = 0, fsdp: bool = False) -> dict:
+               eval_n: int = 200, dpo_eval_n: int = 50, seed: int = 0, fsdp: bool = False,
+               probe_n: int = 32) -> dict:
     """All stages for one generation -> OUT/qvl-tiny-{generation}; returns a report dict."""
     import torch.distributed as dist
 
@@ -112,6 +133,8 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
             report["stages"][name] = train(name, generation, sdir, budget[name], init=prev, tokenizer=tok_dir,
                                            resume=True, device=device, workers=workers, seed=seed, fsdp=fsdp,
                                            records=records)
+        if main and probe_n and S.get(name).lm and name != "lm-pretrain":
+            report["stages"][name]["probe"] = probe(sdir, generation, probe_n, device)
         prev = sdir
     if main:
         final = model_dir_of(prev)
@@ -144,7 +167,7 @@ def recipe_main(argv) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for g in gens:
         run_recipe(g, out, work, a.scale, a.device, a.workers, a.eval_n, dpo_eval_n=min(50, a.eval_n), seed=a.seed,
-                   fsdp=a.fsdp)
+                   fsdp=a.fsdp, probe_n=min(32, a.eval_n))
     return 0
 
 

@@ -62,8 +62,18 @@ class DenseHead(nn.Module):
         """feats [N, H] -> (loss, metrics). Letter loss only on text tokens, box loss only on object tokens."""
         h = self.trunk(feats.float())
         logits = self.cls(h)
-        loss = F.cross_entropy(logits, cls)
-        metrics = {"dense_acc": (logits.argmax(-1) == cls).float().mean().detach()}
+        # ~88 % of tokens are background: a plain mean over tokens is minimised by "background everywhere"
+        # and the object classes crawl (measured: object accuracy 16 % after 40 steps overfitting one batch,
+        # 64 % with this balance). So background and object tokens each get half of the class loss.
+        owned = cls > 0
+        loss = F.cross_entropy(logits[~owned], cls[~owned]) if (~owned).any() else 0.0 * logits.sum()
+        if owned.any():
+            loss = loss + F.cross_entropy(logits[owned], cls[owned])
+        pred = logits.argmax(-1)
+        metrics = {"dense_acc": (pred == cls).float().mean().detach()}
+        shape = cls > 1
+        if shape.any():  # colour x shape right on shape tokens: the number the decoder later needs
+            metrics["obj_acc"] = (pred[shape] == cls[shape]).float().mean().detach()
         text = cls == 1
         if text.any():
             lt = self.letter(h[text])
@@ -71,9 +81,8 @@ class DenseHead(nn.Module):
             metrics["letter_acc"] = (lt.argmax(-1) == letter[text]).float().mean().detach()
         else:
             loss = loss + 0.0 * self.letter.weight.sum()
-        obj = cls > 0
-        if obj.any():
-            loss = loss + 5.0 * F.l1_loss(torch.sigmoid(self.box(h[obj])), box[obj])
+        if owned.any():
+            loss = loss + 2.0 * F.l1_loss(torch.sigmoid(self.box(h[owned])), box[owned])
         else:
             loss = loss + 0.0 * self.box.weight.sum()
         return loss, metrics
@@ -559,7 +568,7 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
                "grad_norm": float(gnorm), "samples_per_s": round(sps, 2)}
         row.update({k: float(v) for k, v in metrics.items()})
         log.append(row)
-        extra = "".join(f" | {k} {float(v):.3f}" for k, v in metrics.items() if k in ("dense_acc", "reward_acc", "margin"))
+        extra = "".join(f" | {k} {float(v):.3f}" for k, v in metrics.items() if k in ("dense_acc", "obj_acc", "letter_acc", "reward_acc", "margin"))
         progress.update(step + 1, (step + 1) * per_step, sps, float(loss), row["lr"], extra, force=step + 1 == end)
         if now - t_window > 30:
             t_window, n_window = now, 0
