@@ -105,6 +105,36 @@ def vision_items(messages) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
+# `render_qwen2` written as a Jinja chat template, for tokenizer_config.json: transformers' apply_chat_template
+# and serving engines render prompts from it. Same rules in the same order (the tests check both agree, and
+# agree with the released checkpoints' template). No whitespace control: the template has no stray spaces, and
+# `{%-` would eat the newlines after <|im_end|>.
+QWEN2_CHAT_TEMPLATE = (
+    "{% set n = namespace(images=0, videos=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
+    "{% set n.images = n.images + 1 %}"
+    "{% if add_vision_id %}Picture {{ n.images }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' or 'video' in item %}"
+    "{% set n.videos = n.videos + 1 %}"
+    "{% if add_vision_id %}Video {{ n.videos }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in item %}{{ item['text'] }}"
+    "{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def render_qwen2(messages: Sequence[dict], add_generation_prompt: bool = True, add_vision_id: bool = False) -> str:
     """The Qwen2-VL / Qwen2.5-VL chat template (identical for both, reference §5.7).
 

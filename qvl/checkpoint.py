@@ -262,6 +262,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja")
 
 
+def _ensure_chat_template(path: Path) -> None:
+    """Give a tokenizer_config.json without a chat template (qvl-tiny's) the Qwen2-VL one, so transformers and
+    serving engines render the same prompts qvl does. A template already there is left alone."""
+    if not path.exists() or (path.parent / "chat_template.json").exists() or (path.parent / "chat_template.jinja").exists():
+        return
+    cfg = json.loads(path.read_text())
+    if not cfg.get("chat_template"):
+        from .chat import QWEN2_CHAT_TEMPLATE
+
+        cfg["chat_template"] = QWEN2_CHAT_TEMPLATE
+        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
 def hub_to_qvl(key: str) -> str:
     for pattern, replacement in KEY_RENAMES:
         key, n = pattern.subn(replacement, key)
@@ -366,6 +379,7 @@ def save_pretrained(model, directory, tokenizer=None, max_shard_bytes: int = 5 *
             tokenizer.save(str(directory / "tokenizer.json"))
         else:
             raise TypeError(f"cannot save tokenizer of type {type(tokenizer).__name__}")
+        _ensure_chat_template(directory / "tokenizer_config.json")
         if (directory / "tokenizer.json").exists():
             ids = _special_ids(directory / "tokenizer.json")
             if eos_token_id is None and "<|im_end|>" in ids:

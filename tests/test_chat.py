@@ -167,6 +167,19 @@ def test_render_qwen2_matches_template(hf_tokenizer, seed):
     assert render_qwen2(messages, add_generation_prompt=gen, add_vision_id=vid) == expected
 
 
+@pytest.mark.parametrize("seed", range(80))
+def test_qvl_jinja_template_renders_like_render_qwen2(hf_tokenizer, seed):
+    """QWEN2_CHAT_TEMPLATE (what qvl writes into tokenizer_config.json) through transformers' own renderer."""
+    from qvl.chat import QWEN2_CHAT_TEMPLATE
+
+    rng = random.Random(1000 + seed)
+    messages = random_conversation(rng)
+    gen, vid = rng.random() < 0.7, rng.random() < 0.4
+    got = hf_tokenizer.apply_chat_template(messages, chat_template=QWEN2_CHAT_TEMPLATE, tokenize=False,
+                                           add_generation_prompt=gen, add_vision_id=vid)
+    assert got == render_qwen2(messages, add_generation_prompt=gen, add_vision_id=vid)
+
+
 def test_render_qwen2_single_image_literal():
     # The full single-image prompt quoted in reference §5.7.
     messages = [{"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "Describe this image."}]}]

@@ -25,7 +25,7 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from ..chat import render_qwen2, render_qwen_vl
+from ..chat import QWEN2_CHAT_TEMPLATE, render_qwen2, render_qwen_vl
 from ..tokenizer_qwen_vl import PAT_STR, QwenVLTokenizer, train_bpe
 from ..tokenizer_qwen_vl import SPECIAL_TOKENS as GEN1_SPECIALS
 from . import world
@@ -124,6 +124,7 @@ def tokenizer_config(tok: Tokenizer, model_max_length: int = 32768) -> dict:
         "added_tokens_decoder": decoder,
         "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
         "bos_token": None,
+        "chat_template": QWEN2_CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
