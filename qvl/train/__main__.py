@@ -150,6 +150,8 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
 
         tiny.save_model(tiny.load_model(final), ship, final, dtype=torch.bfloat16)
         (gdir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        # the shipped directory carries its own measurements (transformers ignores extra files)
+        shutil.copy(gdir / "report.json", ship / "training_report.json")
     return report
 
 
