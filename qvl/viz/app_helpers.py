@@ -33,11 +33,12 @@ GEN_NAMES = plots.GEN_NAMES  # "1" -> "Qwen-VL", ...
 
 
 def find_models(root) -> list[Path]:
-    """Sub-directories of `root` that hold a config.json (the bundled tiny models), sorted by name."""
+    """Sub-directories of `root` that hold a config.json (the bundled tiny models), by name in reverse order:
+    qvl-tiny-2.5, qvl-tiny-2, qvl-tiny-1 -- the newest generation first, so it is the app's default."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if (p / "config.json").is_file())
+    return sorted((p for p in root.iterdir() if (p / "config.json").is_file()), reverse=True)
 
 
 def _check_dir(path: Path) -> str | None:
