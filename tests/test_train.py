@@ -53,7 +53,7 @@ def fixed_batch(stage, generation, model, tok, n=3):
 # Stages: gradients reach exactly the trained parts; loss falls when overfitting one batch
 # --------------------------------------------------------------------------------------------------
 
-CASES = [("vision-pretrain", "2.5"), ("lm-pretrain", "2.5"), ("stage1", "2.5"), ("stage2", "2.5"),
+CASES = [("vision-pretrain", "2.5"), ("vision-pretrain", "1"), ("lm-pretrain", "2.5"), ("stage1", "2.5"), ("stage2", "2.5"),
          ("stage3", "2.5"), ("stage2", "2"), ("stage1", "1"), ("stage3", "1")]
 
 
@@ -62,7 +62,7 @@ def test_stage_overfits_and_trains_exactly_its_parts(name, generation, tok_dir):
     stage = small(S.get(name))
     model, tok = micro_model(generation, tok_dir)
     batch = fixed_batch(stage, generation, model, tok)
-    head = DenseHead(model.config.text.hidden_size) if stage.dense else None
+    head = DenseHead.for_model(model) if stage.dense else None
     set_trainable(model, stage.train)
     module = TrainModule(model, stage, head)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -78,7 +78,7 @@ def test_stage_overfits_and_trains_exactly_its_parts(name, generation, tok_dir):
     if "llm" in stage.train or stage.loss == "dense":
         assert losses[-1] < 0.7 * losses[0], losses
     else:  # through a frozen random decoder the image can only nudge the loss
-        assert losses[-1] < losses[0] - 0.02 and losses[-1] == min(losses), losses
+        assert losses[-1] < losses[0] - 0.02 and losses[-1] <= min(losses) + 1e-3, losses
     groups = tiny.param_groups(model)
     for part, names in groups.items():
         changed = [n for n in names if not torch.equal(before[n], dict(model.named_parameters())[n])]

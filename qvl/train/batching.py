@@ -156,8 +156,15 @@ class Collator:
         parts = [dense_targets(sc, g) for sc, g in zip(scenes, grids)]
         if not parts:
             return {}
-        return {"dense_cls": torch.cat([p[0] for p in parts]), "dense_letter": torch.cat([p[1] for p in parts]),
-                "dense_box": torch.cat([p[2] for p in parts])}
+        out = {"dense_cls": torch.cat([p[0] for p in parts]), "dense_letter": torch.cat([p[1] for p in parts]),
+               "dense_box": torch.cat([p[2] for p in parts])}
+        if self.generation == "1":  # also per ViT patch: the resampler's queries start out non-spatial
+            side = self.config.vision.image_size // self.config.vision.patch_size
+            patch = [dense_targets(sc, (side, side)) for sc in scenes]
+            out.update({"dense_patch_cls": torch.cat([p[0] for p in patch]),
+                        "dense_patch_letter": torch.cat([p[1] for p in patch]),
+                        "dense_patch_box": torch.cat([p[2] for p in patch])})
+        return out
 
 
 def dense_targets(scene, grid: tuple[int, int]):
