@@ -138,3 +138,47 @@ def test_positions_and_windows_render(page, app_url, tmp_path):
     expect(page.locator("#win_table")).to_contain_text("windows")
     _save(page, "windows.png")
     assert page.js_errors == []
+
+
+# --------------------------------------------------------------------------------------------------
+# The shipped qvl-tiny-2.5 (the app's default model) on a held-out generated scene
+# --------------------------------------------------------------------------------------------------
+
+SHIPPED = ROOT / "assets" / "models"
+
+
+@pytest.fixture(scope="module")
+def shipped_url():
+    if not (SHIPPED / "qvl-tiny-2.5" / "config.json").exists():
+        pytest.skip("assets/models/qvl-tiny-2.5 not trained yet")
+    demo, url = launch([], SHIPPED)
+    yield url
+    demo.close()
+
+
+def test_shipped_tiny_model_answers_with_a_box(page, shipped_url, tmp_path):
+    from qvl.data import eval_samples
+
+    sample = eval_samples("ground", "2.5", 1)[0]
+    items = sample.prompt()[0]["content"]
+    png = tmp_path / "held_out_scene.png"
+    next(it["image"] for it in items if it.get("type") == "image").save(png)
+    question = next(it["text"] for it in items if it.get("type") == "text")
+
+    page.goto(shipped_url, wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Chat").click()
+    expect(page.locator("#model input")).to_have_value("qvl-tiny-2.5")  # the default: newest generation
+    mm = page.locator("#mm")
+    mm.locator("input[type='file']").set_input_files(png)
+    expect(mm.locator(".thumbnail-wrapper img")).to_be_visible()
+    mm.locator("textarea[data-testid='textbox']").fill(question)
+    mm.locator("button[data-testid='submit-button']").click()
+    expect(page.locator("#chat [data-testid='bot']").last).to_contain_text("bbox_2d")
+    expect(page.locator("#annot img.mask")).not_to_have_count(0)
+    expect(page.locator("#annot_note")).to_contain_text("Qwen2.5-VL convention")
+    expect(page.locator("#chat_stats")).to_contain_text("time to first token")
+    _images_loaded(page, "#annot img")
+    _save(page, "chat_tiny_model.png")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    (SHOTS / "chat_tiny_model_stats.txt").write_text(page.locator("#chat_stats").inner_text() + "\n")
+    assert page.js_errors == []
