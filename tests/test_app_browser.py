@@ -100,6 +100,8 @@ def test_upload_count_chat_and_box(page, app_url, tmp_path):
 
     # Chat: the bundled box model answers with a box, drawn on the image
     page.get_by_role("tab", name="Chat").click()
+    page.locator("#model input").click()  # the default is the newest generation (tiny-gen2.5): pick the box model
+    page.get_by_role("option", name="box-gen2").click()
     expect(page.locator("#model input")).to_have_value("box-gen2")
     mm = page.locator("#mm")
     mm.locator("input[type='file']").set_input_files(png)
