@@ -38,14 +38,9 @@ def test_shipped_model_answers_a_generated_question(generation):
     assert reply.strip(), "empty answer"
 
 
-def _hf_inputs(directory: Path, sample: T.Sample):
+def _hf_inputs(tok, proc, sample: T.Sample):
     """Prompt tensors built by transformers alone: its tokenizer with the checkpoint's chat template, its image
     processor with the checkpoint's preprocessor config, the image pad expanded to grid / merge**2 slots."""
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-
-    tok = AutoTokenizer.from_pretrained(str(directory))
-    proc = Qwen2VLImageProcessor.from_pretrained(str(directory))
     messages = sample.prompt()
     images = [it["image"] for m in messages for it in m["content"] if isinstance(it, dict) and it.get("type") == "image"]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -54,14 +49,15 @@ def _hf_inputs(directory: Path, sample: T.Sample):
     parts = text.split("<|image_pad|>")
     assert len(parts) == len(pads) + 1
     text = parts[0] + "".join("<|image_pad|>" * n + p for n, p in zip(pads, parts[1:]))
-    enc = tok(text, return_tensors="pt")
-    return enc, vis, tok
+    return tok(text, return_tensors="pt"), vis
 
 
 @pytest.mark.parametrize("generation", [g for g in ("2", "2.5") if g in present])
 @pytest.mark.parametrize("task", ["color", "ground", "ocr"])
 def test_transformers_gives_the_same_greedy_answers(generation, task):
     transformers = pytest.importorskip("transformers")
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
     import qvl
 
     directory = SHIPPED[generation]
@@ -69,9 +65,11 @@ def test_transformers_gives_the_same_greedy_answers(generation, task):
            else transformers.Qwen2VLForConditionalGeneration)
     hf = cls.from_pretrained(str(directory), torch_dtype=torch.float32).eval()
     vlm = qvl.load(directory, device="cpu", dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(directory))
+    proc = Qwen2VLImageProcessor.from_pretrained(str(directory))
     for sample in T.eval_samples(task, generation, 2):
         ours = vlm.chat(sample.prompt(), max_new_tokens=24)
-        enc, vis, tok = _hf_inputs(directory, sample)
+        enc, vis = _hf_inputs(tok, proc, sample)
         with torch.no_grad():
             out = hf.generate(**enc, **vis, max_new_tokens=24, do_sample=False)
         theirs = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
