@@ -273,3 +273,28 @@ def test_cli_help_lists_stages():
 
     out = subprocess.run([sys.executable, "-m", "qvl.train", "--help"], capture_output=True, text=True, check=True)
     assert "vision-pretrain" in out.stdout and "--resume" in out.stdout
+
+
+def test_gen2_shares_the_gen2_5_lm_stand_in_and_keeps_its_own_vision(tok_dir, tmp_path):
+    """recipe: gen 2's lm-pretrain = gen 2.5's decoder (same config, same tokenizer) + gen 2's own ViT."""
+    import json
+
+    from qvl.train.__main__ import share_lm
+
+    work = tmp_path / "work"
+    donor, _ = micro_model("2.5", tok_dir, seed=1)
+    own, _ = micro_model("2", tok_dir, seed=2)
+    assert share_lm("2", work, work / "gen2" / "lm-pretrain", tmp_path / "init") is None  # no donor yet
+    tiny.save_model(donor, work / "gen2.5" / "lm-pretrain" / "model", tok_dir)
+    (work / "gen2.5" / "lm-pretrain" / "summary.json").write_text(json.dumps({"stage": "lm-pretrain", "samples": 7}))
+    tiny.save_model(own, tmp_path / "init" / "model", tok_dir)
+    summary = share_lm("2", work, work / "gen2" / "lm-pretrain", tmp_path / "init")
+    assert summary["samples"] == 7 and summary["generation"] == "2"
+    shared = tiny.load_model(work / "gen2" / "lm-pretrain" / "model")
+    assert shared.generation == "2"
+    got, d, o = shared.state_dict(), donor.state_dict(), own.state_dict()
+    for k in got:
+        want = o[k] if k.startswith("visual.") else d[k]
+        assert torch.equal(got[k], want), k
+    # gen 1 has its own tokenizer and decoder: nothing to share
+    assert share_lm("1", work, work / "gen1" / "lm-pretrain", tmp_path / "init") is None

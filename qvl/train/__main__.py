@@ -61,6 +61,38 @@ def stage_main(argv) -> int:
 
 PROBE_TASKS = ("color", "shape", "count", "ground")
 
+# Gen 2 and gen 2.5 have the same tiny decoder and tokenizer (qvl.train.tiny), so in a recipe that trains both
+# they share one LM stand-in, as Qwen2-VL and Qwen2.5-VL each start from their own release of the same LLM
+# family: the ablation between them then differs only in the vision side and the positions, and the second
+# one does not pay for the text-only stage again.
+SHARED_LM = {"2": "2.5"}
+
+
+def share_lm(generation: str, work: Path, sdir: Path, init: Path) -> dict | None:
+    """Build gen `generation`'s lm-pretrain stage from its own vision-pretrain model (`init`) and the
+    decoder of the generation it shares the LM with, if that one's lm-pretrain has finished -> summary."""
+    from qvl.train import tiny
+    from qvl.train.loop import HEAD_FILE, model_dir_of
+
+    donor = work / f"gen{SHARED_LM.get(generation, '-')}" / "lm-pretrain"
+    if not (donor / "summary.json").exists():
+        return None
+    model = tiny.load_model(model_dir_of(init))
+    donor_dir = model_dir_of(donor)
+    weights = tiny.load_model(donor_dir).state_dict()
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    if set(own) - set(weights) or any(weights[k].shape != v.shape for k, v in own.items()):
+        raise ValueError(f"{donor}: its decoder does not match gen {generation}'s; cannot share the LM stand-in")
+    model.load_state_dict({k: weights[k] for k in own}, strict=False)
+    tiny.save_model(model, sdir / "model", donor_dir)
+    if (Path(init) / HEAD_FILE).exists():
+        shutil.copy(Path(init) / HEAD_FILE, sdir / HEAD_FILE)
+    summary = {**json.loads((donor / "summary.json").read_text()), "generation": generation,
+               "shared_from": str(donor)}
+    (sdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"gen {generation} lm-pretrain: decoder shared from {donor}", flush=True)
+    return summary
+
 
 def probe(stage_dir: Path, generation: str, n: int, device=None) -> dict:
     """A small held-out check after a stage (PROBE_TASKS, n each) -> {task: score}, kept in
@@ -125,6 +157,11 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
             if not records:  # nothing accepted / no pairs: the stage has no data, keep the previous model
                 report["stages"][name] = {"skipped": "no records"}
                 continue
+        if name == "lm-pretrain" and main and not (sdir / "summary.json").exists():
+            sdir.mkdir(parents=True, exist_ok=True)
+            share_lm(generation, work, sdir, prev)
+        if dist.is_initialized():
+            dist.barrier()
         if (sdir / "summary.json").exists():
             report["stages"][name] = json.loads((sdir / "summary.json").read_text())
         else:
