@@ -161,6 +161,34 @@ def test_drills_replace_the_image_with_text_and_keep_answers():
     assert s.messages[1]["content"] == s.qas[0].answer
 
 
+@pytest.mark.parametrize("generation", ["1", "2", "2.5"])
+def test_relist_drills_answer_each_asked_object_with_its_own_box(generation):
+    """The look-up-and-copy drill: every asked object comes back, in the asked order, with the box the
+    scene description gave it (checked against the scene itself, not against the drill's own text)."""
+    import re
+
+    from qvl.data.tasks import make_sample, region_text
+
+    stage = replace(S.get("lm-pretrain"), relist=1.0)
+    seen = 0
+    for i in range(12):
+        d = S.sample_at(stage, generation, i)
+        if d.task != "relist":
+            continue
+        seen += 1
+        src = make_sample(S.sample_at(replace(stage, relist=0.0), generation, i).task, d.seed, generation,
+                          stage.data_config(), render_media=False)
+        boxes = {f"{'an' if s.name[0] in 'aeiou' else 'a'} {s.name}": region_text(s.box, generation, src.media)
+                 for s in src.scene.shapes}
+        boxes.update({f'the text "{t.text}"': region_text(t.box, generation, src.media) for t in src.scene.texts})
+        asked = d.messages[0]["content"][0]["text"].split("\nWhere are ", 1)[1].rstrip("?").split(", ")
+        answer = d.messages[1]["content"]
+        assert answer == "; ".join(f"{a} at {boxes[a]}" for a in asked) + "."
+        for a in asked:  # each asked object's box is in the description exactly as in the answer
+            assert re.search(re.escape(f"{a} at {boxes[a]}"), d.messages[0]["content"][0]["text"])
+    assert seen >= 6
+
+
 # --------------------------------------------------------------------------------------------------
 # The trainer: checkpoints, resume, official layout
 # --------------------------------------------------------------------------------------------------
