@@ -66,11 +66,16 @@ def tasks_for(generation: str, tasks: Sequence[str] | None) -> list[str]:
 
 
 def evaluate(reply_fn: Callable, generation: str, tasks: Sequence[str] | None = None, n: int = 500,
-             config: T.DataConfig = T.DataConfig(), keep_replies: int = 0) -> dict:
-    """-> {task: {"n", "score", ...task extras, "examples": [...]}}; `score` is accuracy or mean IoU."""
+             config: T.DataConfig = T.DataConfig(), keep_replies: int = 0,
+             transform: Callable[[T.Sample], T.Sample] | None = None) -> dict:
+    """-> {task: {"n", "score", ...task extras, "examples": [...]}}; `score` is accuracy or mean IoU.
+    `transform` rewrites each held-out sample before it is asked (same truth), e.g. the training's text
+    drills, which replace the image by its description: a probe of the decoder alone."""
     results = {}
     for task in tasks_for(generation, tasks):
-        samples = T.eval_samples(task, generation, n, config)
+        samples = T.eval_samples(task, generation, n, config, render_media=transform is None)
+        if transform is not None:
+            samples = [transform(s) for s in samples]
         replies = reply_fn(samples)
         scores = [T.score(task, r, s.truth) for r, s in zip(replies, samples)]
         res = {"n": len(scores), "score": sum(scores) / max(1, len(scores))}

@@ -326,3 +326,33 @@ def test_gen2_shares_the_gen2_5_lm_stand_in_and_keeps_its_own_vision(tok_dir, tm
         assert torch.equal(got[k], want), k
     # gen 1 has its own tokenizer and decoder: nothing to share
     assert share_lm("1", work, work / "gen1" / "lm-pretrain", tmp_path / "init") is None
+
+
+def test_lm_pretrain_probe_asks_the_held_out_questions_as_text(tok_dir, tmp_path, monkeypatch):
+    """After lm-pretrain the recipe probes the decoder alone: each held-out question with its scene written
+    as text. A reply function that answers from that text proves the questions carry what is needed."""
+
+    from qvl import eval as E
+
+    seen = []
+
+    def oracle(samples):  # reads the answer out of the drill's own text, as a perfect look-up would
+        out = []
+        for s in samples:
+            text = s.messages[0]["content"][0]["text"]
+            assert s.scene is None and text.startswith("Scene:")
+            seen.append(s.task)
+            words = s.answer.split()  # "read all the text" answers list every word, top to bottom
+            out.append(s.answer if s.task == "ocr" and all(f'"{w}"' in text for w in words) else "")
+        return out
+
+    res = E.evaluate(oracle, "2.5", ["ocr", "color"], 8, transform=lambda s: S.drill(s, s.seed))
+    assert res["ocr"]["score"] == 1.0 and res["color"]["score"] == 0.0
+    assert seen.count("ocr") == 8 and seen.count("color") == 8
+    # and the recipe's probe writes probe.json for a drills stage
+    from qvl.train.__main__ import TEXT_PROBE_TASKS, probe
+
+    model, _ = micro_model("2.5", tok_dir)
+    tiny.save_model(model, tmp_path / "lm-pretrain" / "model", tok_dir)
+    scores = probe(tmp_path / "lm-pretrain", "2.5", 2)
+    assert set(scores) == set(TEXT_PROBE_TASKS) and (tmp_path / "lm-pretrain" / "probe.json").exists()

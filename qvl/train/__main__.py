@@ -60,6 +60,7 @@ def stage_main(argv) -> int:
 
 
 PROBE_TASKS = ("color", "shape", "count", "ground")
+TEXT_PROBE_TASKS = ("color", "shape", "count", "ground", "ocr")  # lm-pretrain: the scene given as text
 
 # Gen 2 and gen 2.5 have the same tiny decoder and tokenizer (qvl.train.tiny), so in a recipe that trains both
 # they share one LM stand-in, as Qwen2-VL and Qwen2.5-VL each start from their own release of the same LLM
@@ -96,14 +97,23 @@ def share_lm(generation: str, work: Path, sdir: Path, init: Path) -> dict | None
 
 def probe(stage_dir: Path, generation: str, n: int, device=None) -> dict:
     """A small held-out check after a stage (PROBE_TASKS, n each) -> {task: score}, kept in
-    STAGE/probe.json: where along the recipe the model starts to use the image."""
+    STAGE/probe.json: where along the recipe the model starts to use the image. After lm-pretrain the same
+    questions come with the scene written as text (TEXT_PROBE_TASKS): whether the LM stand-in can look
+    an object up and copy its box or word before any image is involved."""
     from qvl import eval as E
     from qvl.train.loop import model_dir_of
 
     path = stage_dir / "probe.json"
     if path.exists():
         return json.loads(path.read_text())
-    results = E.evaluate_dir(model_dir_of(stage_dir), n, tasks=PROBE_TASKS, device=device)[0]
+    if S.get(stage_dir.name).source == "drills":  # the decoder alone: can it look up and copy from text?
+        import qvl
+
+        vlm = qvl.load(model_dir_of(stage_dir), device=device)
+        results = E.evaluate(E.vlm_reply_fn(vlm), generation, TEXT_PROBE_TASKS, n,
+                             transform=lambda s: S.drill(s, s.seed))
+    else:
+        results = E.evaluate_dir(model_dir_of(stage_dir), n, tasks=PROBE_TASKS, device=device)[0]
     scores = {t: round(float(r["score"]), 4) for t, r in results.items()}
     path.write_text(json.dumps(scores) + "\n")
     print(f"gen {generation} after {stage_dir.name}: " + ", ".join(f"{t} {v:.2f}" for t, v in scores.items()),
@@ -170,7 +180,7 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
             report["stages"][name] = train(name, generation, sdir, budget[name], init=prev, tokenizer=tok_dir,
                                            resume=True, device=device, workers=workers, seed=seed, fsdp=fsdp,
                                            records=records)
-        if main and probe_n and S.get(name).lm and name != "lm-pretrain":
+        if main and probe_n and S.get(name).lm:
             report["stages"][name]["probe"] = probe(sdir, generation, probe_n, device)
         prev = sdir
     if main:
