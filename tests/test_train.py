@@ -328,10 +328,9 @@ def test_gen2_shares_the_gen2_5_lm_stand_in_and_keeps_its_own_vision(tok_dir, tm
     assert share_lm("1", work, work / "gen1" / "lm-pretrain", tmp_path / "init") is None
 
 
-def test_lm_pretrain_probe_asks_the_held_out_questions_as_text(tok_dir, tmp_path, monkeypatch):
+def test_lm_pretrain_probe_asks_the_held_out_questions_as_text(tok_dir, tmp_path):
     """After lm-pretrain the recipe probes the decoder alone: each held-out question with its scene written
     as text. A reply function that answers from that text proves the questions carry what is needed."""
-
     from qvl import eval as E
 
     seen = []
