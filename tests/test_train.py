@@ -189,6 +189,20 @@ def test_relist_drills_answer_each_asked_object_with_its_own_box(generation):
     assert seen >= 6
 
 
+def test_repeat_drills_copy_the_description_and_shares_add_up():
+    stage = replace(S.get("lm-pretrain"), repeat=0.5, relist=0.25)
+    tasks = [S.sample_at(stage, "2.5", i) for i in range(80)]
+    reps = [d for d in tasks if d.task == "repeat"]
+    for d in reps:
+        prompt = d.messages[0]["content"][0]["text"]
+        assert prompt == f"Scene: {d.messages[1]['content']}\nRepeat the scene."
+    n_scene = sum(1 for i in range(80) if S.sample_at(replace(stage, repeat=0.0, relist=0.0), "2.5", i).task
+                  not in ("video_direction", "video_when"))
+    # about half of the scene samples repeat, a quarter relist (the same uniform draw splits them)
+    assert 0.3 * n_scene <= len(reps) <= 0.7 * n_scene
+    assert 0.1 * n_scene <= sum(d.task == "relist" for d in tasks) <= 0.45 * n_scene
+
+
 # --------------------------------------------------------------------------------------------------
 # The trainer: checkpoints, resume, official layout
 # --------------------------------------------------------------------------------------------------
