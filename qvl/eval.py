@@ -70,7 +70,8 @@ def evaluate(reply_fn: Callable, generation: str, tasks: Sequence[str] | None = 
              transform: Callable[[T.Sample], T.Sample] | None = None) -> dict:
     """-> {task: {"n", "score", ...task extras, "examples": [...]}}; `score` is accuracy or mean IoU.
     `transform` rewrites each held-out sample before it is asked (same truth), e.g. the training's text
-    drills, which replace the image by its description: a probe of the decoder alone."""
+    drills, which replace the image by its description: a probe of the decoder alone (with a transform the
+    media are not rendered)."""
     results = {}
     for task in tasks_for(generation, tasks):
         samples = T.eval_samples(task, generation, n, config, render_media=transform is None)
@@ -122,13 +123,14 @@ def cost_of(stats: dict) -> dict:
             "ms_per_answer": 1000 * stats.get("seconds", 0.0) / max(1, stats.get("answers", 0))}
 
 
-def evaluate_dir(model_dir, n: int = 500, tasks=None, batch_size: int = 16, device=None, keep_replies: int = 0):
-    """Load a model directory and evaluate it. -> (results, cost, generation)"""
+def evaluate_dir(model_dir, n: int = 500, tasks=None, batch_size: int = 16, device=None, keep_replies: int = 0,
+                 transform=None):
+    """Load a model directory and evaluate it (`transform`: see `evaluate`). -> (results, cost, generation)"""
     import qvl
 
     vlm = qvl.load(model_dir, device=device)
     fn = vlm_reply_fn(vlm, batch_size)
-    results = evaluate(fn, vlm.generation, tasks, n, keep_replies=keep_replies)
+    results = evaluate(fn, vlm.generation, tasks, n, keep_replies=keep_replies, transform=transform)
     return results, cost_of(fn.stats), vlm.generation
 
 

@@ -107,13 +107,10 @@ def probe(stage_dir: Path, generation: str, n: int, device=None) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     if S.get(stage_dir.name).source == "drills":  # the decoder alone: can it look up and copy from text?
-        import qvl
-
-        vlm = qvl.load(model_dir_of(stage_dir), device=device)
-        results = E.evaluate(E.vlm_reply_fn(vlm), generation, TEXT_PROBE_TASKS, n,
-                             transform=lambda s: S.drill(s, s.seed))
+        tasks, transform = TEXT_PROBE_TASKS, lambda s: S.drill(s, s.seed)
     else:
-        results = E.evaluate_dir(model_dir_of(stage_dir), n, tasks=PROBE_TASKS, device=device)[0]
+        tasks, transform = PROBE_TASKS, None
+    results = E.evaluate_dir(model_dir_of(stage_dir), n, tasks=tasks, device=device, transform=transform)[0]
     scores = {t: round(float(r["score"]), 4) for t, r in results.items()}
     path.write_text(json.dumps(scores) + "\n")
     print(f"gen {generation} after {stage_dir.name}: " + ", ".join(f"{t} {v:.2f}" for t, v in scores.items()),

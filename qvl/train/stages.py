@@ -128,15 +128,24 @@ def _article(name: str) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
+def _things(sample: Sample) -> list[tuple[str, str]]:
+    """(name, "name at box") per object of a scene, in the generation's own box notation."""
+    scene, g, sizes = sample.scene, sample.generation, sample.media
+    out = [(_article(s.name), f"{_article(s.name)} at {region_text(s.box, g, sizes)}") for s in scene.shapes]
+    out += [(f'the text "{t.text}"', f'the text "{t.text}" at {region_text(t.box, g, sizes)}') for t in scene.texts]
+    return out
+
+
+def _listed(things: list[tuple[str, str]], rng: np.random.Generator) -> str:
+    """The "name at box" entries in a random order, joined as the scene description lists them."""
+    return "; ".join(things[int(i)][1] for i in rng.permutation(len(things)))
+
+
 def describe_scene(sample: Sample, rng: np.random.Generator) -> str:
     """Objects in random order with their boxes in the generation's own notation (the same notation the
     answers use, so a grounding answer is a copy): the decoder must find the object by name."""
-    scene, g, sizes = sample.scene, sample.generation, sample.media
-    things = [f"{_article(s.name)} at {region_text(s.box, g, sizes)}" for s in scene.shapes]
-    things += [f'the text "{t.text}" at {region_text(t.box, g, sizes)}' for t in scene.texts]
-    order = rng.permutation(len(things)) if things else []
-    listed = "; ".join(things[i] for i in order) if things else "nothing"
-    return f"Scene: {listed}."
+    things = _things(sample)
+    return f"Scene: {_listed(things, rng) if things else 'nothing'}."
 
 
 def describe_clip(sample: Sample, rng: np.random.Generator) -> str:
@@ -147,14 +156,6 @@ def describe_clip(sample: Sample, rng: np.random.Generator) -> str:
         parts.append(f"{_article(t.name)} moving {t.direction}, visible from {clip.time(t.appear):.1f} "
                      f"to {clip.time(t.disappear):.1f} seconds")
     return f"Video of {clip.duration:.1f} seconds: " + "; ".join(parts) + "."
-
-
-def _things(sample: Sample) -> list[tuple[str, str]]:
-    """(name, "name at box") per object of a scene, in the generation's own box notation."""
-    scene, g, sizes = sample.scene, sample.generation, sample.media
-    out = [(_article(s.name), f"{_article(s.name)} at {region_text(s.box, g, sizes)}") for s in scene.shapes]
-    out += [(f'the text "{t.text}"', f'the text "{t.text}" at {region_text(t.box, g, sizes)}') for t in scene.texts]
-    return out
 
 
 def relist(sample: Sample, seed: int) -> Sample:
@@ -169,7 +170,7 @@ def relist(sample: Sample, seed: int) -> Sample:
     unique = [t for t in things if names.count(t[0]) == 1]  # a repeated name has no single answer
     if not unique:
         return drill(sample, seed)
-    listed = "; ".join(things[int(i)][1] for i in rng.permutation(len(things)))
+    listed = _listed(things, rng)
     asked = [unique[int(i)] for i in rng.permutation(len(unique))]
     question = "Where are " + ", ".join(a[0] for a in asked) + "?"
     messages = [{"role": "user", "content": [{"type": "text", "text": f"Scene: {listed}.\n{question}"}]},
@@ -186,7 +187,7 @@ def repeat(sample: Sample, seed: int) -> Sample:
     things = _things(sample)
     if not things:
         return drill(sample, seed)
-    listed = "; ".join(things[int(i)][1] for i in rng.permutation(len(things))) + "."
+    listed = _listed(things, rng) + "."
     messages = [{"role": "user", "content": [{"type": "text", "text": f"Scene: {listed}\nRepeat the scene."}]},
                 {"role": "assistant", "content": listed}]
     return replace(sample, task="repeat", messages=messages, scene=None, clip=None)
