@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from dataclasses import replace
 from typing import Callable, Sequence
 
 from qvl.data import tasks as T
@@ -171,7 +172,109 @@ def vision_cost(vlm, sides: Sequence[int] = COST_SIDES, repeats: int = 5) -> dic
     return out
 
 
-def ablation(model_dirs: Sequence, n: int = 500, device=None) -> list[dict]:
+def vision_tokens(vlm, sample: T.Sample):
+    """The vision tokens the decoder receives for a sample's one image, and their (rows, cols) layout over the
+    image. -> (feats [N, hidden] float32, (rows, cols)). Gen 2/2.5: merged 2x2 units in raster order (the
+    window reorder is undone after the merger); gen 1: the resampler's queries, which vision pre-training
+    tied to an n x n grid of cells (`qvl.train.batching.dense_targets`)."""
+    import torch
+
+    batch = vlm.prepare([sample.prompt()])
+    v, item = batch.vision, batch.media[0]
+    with torch.inference_mode():
+        if vlm.generation == "1":
+            feats = vlm.model.transformer.visual(v["images"])[0]
+            side = int(round(feats.shape[0] ** 0.5))
+            grid = (side, side)
+        else:
+            feats = vlm.model.visual(v["pixel_values"], v["image_grid_thw"])
+            _, h, w = item.grid_thw
+            m = vlm.config.vision.spatial_merge_size
+            grid = (h // m, w // m)
+    return feats.float().cpu(), grid
+
+
+def _fit_linear_probe(x, y, classes: int, steps: int = 100, l2: float = 1e-2, balanced: bool = False):
+    """Multinomial logistic regression on standardised features (L-BFGS, L2 on the weights; `balanced` weighs
+    each class by the inverse of its frequency). -> predict(x) -> labels"""
+    import torch
+    import torch.nn.functional as F
+
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    lin = torch.nn.Linear(x.shape[1], classes)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+    xs = (x - mean) / std
+    weight = None
+    if balanced:
+        count = torch.bincount(y, minlength=classes).float()
+        weight = torch.where(count > 0, count.sum() / (classes * count.clamp(min=1)), torch.zeros_like(count))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(xs), y, weight=weight) + l2 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return lambda z: lin((z - mean) / std).argmax(-1)
+
+
+PROBE_CONFIG = T.DataConfig(scene=replace(T.DataConfig().scene, large_prob=1.0))  # every canvas large
+PROBE_FIT = 200  # scenes to fit the text probe on; as many again score it
+
+
+def text_probe(vlm, n_fit: int = PROBE_FIT, n_test: int = PROBE_FIT) -> dict:
+    """What the vision tokens hand the decoder about text, whatever the tiny decoder then reads out. Two linear
+    probes on the vision tokens of held-out OCR scenes on large canvases (half of them with small text), fit on
+    n_fit scenes and scored on the next n_test, with the vision pre-training's per-token targets
+    (`qvl.train.batching.dense_targets`): is there text under this token (class-balanced), and which letter.
+    Each text token counts toward the height of the word it overlaps most.
+    -> {"found>=14px", "found<14px": share of text tokens detected, "false alarms": share of other tokens
+        called text, "letter>=14px", "letter<14px": letter accuracy on text tokens, "chance": the most frequent
+        letter's share, "n>=14px", "n<14px": text tokens scored}"""
+    import numpy as np
+    import torch
+
+    from qvl.train.batching import N_LETTERS, dense_targets
+
+    samples = T.eval_samples("ocr", vlm.generation, n_fit + n_test, PROBE_CONFIG)
+    xs, texts, letters, heights = [], [], [], []
+    for s in samples:
+        feats, (rows, cols) = vision_tokens(vlm, s)
+        cls, letter, _ = dense_targets(s.scene, (rows, cols))
+        sc = s.scene
+        j, i = np.meshgrid(np.arange(cols), np.arange(rows))
+        cx1, cy1 = j.ravel() * sc.width / cols, i.ravel() * sc.height / rows
+        cx2, cy2 = cx1 + sc.width / cols, cy1 + sc.height / rows
+        boxes = np.array([t.box for t in sc.texts], np.float64)  # [M, 4]
+        ix = np.clip(np.minimum(cx2[:, None], boxes[:, 2]) - np.maximum(cx1[:, None], boxes[:, 0]), 0, None)
+        iy = np.clip(np.minimum(cy2[:, None], boxes[:, 3]) - np.maximum(cy1[:, None], boxes[:, 1]), 0, None)
+        xs.append(feats), texts.append(cls == 1), letters.append(letter)
+        heights.append(torch.from_numpy(np.array([t.height for t in sc.texts])[(ix * iy).argmax(1)]))
+    split = sum(len(x) for x in xs[:n_fit])
+    x, text, letter, height = (torch.cat(v) for v in (xs, texts, letters, heights))
+    fit, test = slice(0, split), slice(split, None)
+    found = _fit_linear_probe(x[fit], text[fit].long(), 2, balanced=True)
+    has_letter = letter > 0
+    fit_l = has_letter.clone()
+    fit_l[test] = False
+    read = _fit_linear_probe(x[fit_l], letter[fit_l], N_LETTERS)
+    with torch.no_grad():
+        said_text = found(x[test]).bool()
+        right = read(x[test]) == letter[test]
+    text, has_letter, height = text[test], has_letter[test], height[test]
+    out = {"false alarms": float(said_text[~text].float().mean()) if (~text).any() else None,
+           "chance": float(torch.bincount(letter[fit_l]).max() / max(1, int(fit_l.sum())))}
+    for name, size in ((f">={SMALL_TEXT_PX}px", height >= SMALL_TEXT_PX), (f"<{SMALL_TEXT_PX}px", height < SMALL_TEXT_PX)):
+        on, lt = text & size, has_letter & size
+        out[f"found{name}"] = float(said_text[on].float().mean()) if on.any() else None
+        out[f"letter{name}"] = float(right[lt].float().mean()) if lt.any() else None
+        out[f"n{name}"] = int(on.sum())
+    return out
+
+
+def ablation(model_dirs: Sequence, n: int = 500, device=None, probe_n: int = PROBE_FIT) -> list[dict]:
     """One row per model: small vs normal text OCR, grounding, video timing, vision cost vs resolution."""
     import qvl
 
@@ -180,7 +283,7 @@ def ablation(model_dirs: Sequence, n: int = 500, device=None) -> list[dict]:
         vlm = qvl.load(d, device=device)
         results = evaluate(vlm_reply_fn(vlm), vlm.generation, ABLATION_TASKS, n)
         rows.append({"model": str(d), "generation": vlm.generation, "results": results,
-                     "vision_cost": vision_cost(vlm)})
+                     "text_probe": text_probe(vlm, probe_n, probe_n), "vision_cost": vision_cost(vlm)})
     return rows
 
 
@@ -189,6 +292,7 @@ def format_ablation(rows: list[dict]) -> str:
     big = f"<{SMALL_TEXT_PX}px"
     cost_cols = [f"vision {s}² (tokens / ms)" for s in COST_SIDES]
     head = ["generation", "what differs", f"OCR >= {SMALL_TEXT_PX} px", f"OCR < {SMALL_TEXT_PX} px (large canvases)",
+            f"text probe >= {SMALL_TEXT_PX} px (found / letter)", f"text probe < {SMALL_TEXT_PX} px (found / letter)",
             "ground mIoU", "IoU >= 0.5", f"video when (±{T.WHEN_TOLERANCE_S} s)", *cost_cols]
     differs = {"1": "fixed 224² + resampler, 0-1000 boxes, no video",
                "2": "native res, full-attention ViT, 0-1000 boxes, M-RoPE time = frame index",
@@ -197,12 +301,22 @@ def format_ablation(rows: list[dict]) -> str:
     for r in rows:
         res, g = r["results"], r["generation"]
         ocr, ground, when = res.get("ocr", {}), res.get("ground", {}), res.get("video_when")
+        probe = r.get("text_probe", {})
         cells = [g, differs.get(g, ""), _pct(ocr.get(f">={SMALL_TEXT_PX}px")) + f" (n={ocr.get(f'n>={SMALL_TEXT_PX}px', 0)})",
                  _pct(ocr.get(big)) + f" (n={ocr.get('n' + big, 0)})",
+                 *[f"{_pct(probe.get('found' + k)).strip()} / {_pct(probe.get('letter' + k)).strip()} (n={probe.get('n' + k, 0)})"
+                   for k in (f">={SMALL_TEXT_PX}px", big)],
                  f"{ground.get('score', 0):.3f}", _pct(ground.get("iou>=0.5")),
                  _pct(when["score"]) if when else "no video"]
         cells += [f"{c['tokens']} / {c['ms']:.1f}" for c in r["vision_cost"].values()]
         lines.append("| " + " | ".join(cells) + " |")
+    probed = [r for r in rows if "text_probe" in r]
+    if probed:
+        notes = ", ".join(f"gen {r['generation']} {_pct(r['text_probe']['false alarms']).strip()} / "
+                          f"{_pct(r['text_probe']['chance']).strip()}" for r in probed)
+        lines.append("\nText probe: linear read-outs from each vision token (is there text under it, class-balanced; "
+                     "which letter), fit on held-out large-canvas OCR scenes and scored on as many others. "
+                     f"Other tokens called text / the most frequent letter's share: {notes}.")
     return "\n".join(lines)
 
 
@@ -212,6 +326,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ablation", action="store_true",
                     help="the generations side by side: OCR by text size, grounding, video timing, vision cost")
     ap.add_argument("--n", type=int, default=500, help="samples per task (first n eval seeds)")
+    ap.add_argument("--probe-n", type=int, default=PROBE_FIT,
+                    help="--ablation: scenes to fit the text probes on, and as many to score them on")
     ap.add_argument("--tasks", nargs="+", default=None, help=f"subset of {' '.join(DEFAULT_TASKS)}")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default=None)
@@ -227,7 +343,7 @@ def main(argv=None) -> int:
         print(f"qvl.eval: {missing[0]}: not a model directory (no config.json)", file=sys.stderr)
         return 2
     if args.ablation:
-        rows = ablation(args.model_dir, args.n, args.device)
+        rows = ablation(args.model_dir, args.n, args.device, args.probe_n)
         print(json.dumps(rows, indent=2) if args.json else format_ablation(rows))
         return 0
     for model_dir in args.model_dir:

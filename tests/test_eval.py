@@ -57,7 +57,7 @@ def test_ablation_cli_on_two_generations(tok_dir, tmp_path):
         model, _ = micro_model(g, tok_dir)
         tiny.save_model(model, tmp_path / g, tok_dir)
         dirs.append(str(tmp_path / g))
-    out = subprocess.run([sys.executable, "-m", "qvl.eval", *dirs, "--ablation", "--n", "2", "--json"],
+    out = subprocess.run([sys.executable, "-m", "qvl.eval", *dirs, "--ablation", "--n", "2", "--probe-n", "3", "--json"],
                          capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout)
     assert [r["generation"] for r in rows] == ["1", "2.5"]
@@ -65,11 +65,57 @@ def test_ablation_cli_on_two_generations(tok_dir, tmp_path):
     for side, c in rows[1]["vision_cost"].items():
         assert c["tokens"] == (int(side) // 28) ** 2 and c["ms"] > 0
     assert {c["tokens"] for c in rows[0]["vision_cost"].values()} == {tiny.GEN1_QUERIES}
+    for r in rows:  # three scenes each side of the text probes: there are text tokens to score
+        p = r["text_probe"]
+        assert p["n>=14px"] + p["n<14px"] > 0 and 0 <= p["chance"] <= 1 and 0 <= p["false alarms"] <= 1
     table = E.format_ablation(rows)
-    assert table.count("\n") == 3 and "| 1 |" in table and "| 2.5 |" in table
+    assert table.count("\n") == 5 and "| 1 |" in table and "| 2.5 |" in table and "Text probe" in table
     assert "no video" in table.splitlines()[2]
 
 
-def test_eval_cli_refuses_a_non_model_directory(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "qvl.eval", str(tmp_path)], capture_output=True, text=True)
-    assert out.returncode == 2 and "no config.json" in out.stderr and "Traceback" not in out.stderr
+def test_linear_probe_reads_separable_features_and_not_noise():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 7, (600,), generator=g)
+    centres = 3 * torch.randn(7, 16, generator=g)
+    x = centres[y] + 0.3 * torch.randn(600, 16, generator=g)
+    predict = E._fit_linear_probe(x[:300], y[:300], 7)
+    assert (predict(x[300:]) == y[300:]).float().mean() > 0.97
+    noise = torch.randn(600, 16, generator=g)  # features that carry nothing about y: held-out accuracy near 1/7
+    predict = E._fit_linear_probe(noise[:300], y[:300], 7)
+    assert (predict(noise[300:]) == y[300:]).float().mean() < 0.3
+
+
+def test_text_probe_splits_by_the_height_of_the_word_under_each_token(monkeypatch):
+    """Vision tokens that carry the letter under their centre (recomputed here from the scene: the centre's
+    position along the word's box) are found and read far above chance; tokens off every word are not
+    called text; each text token counts toward the height of its word."""
+    import torch
+
+    from qvl.train.batching import LETTERS, N_LETTERS
+
+    seen = {"small": 0, "large": 0}
+
+    def oracle_tokens(vlm, sample):
+        sc, rows, cols = sample.scene, 64, 64  # cells of ~10-14 px: a cell on a word mostly has its centre on it
+        feats = torch.zeros(rows * cols, N_LETTERS + 1)
+        for k in range(rows * cols):
+            cx, cy = (k % cols + 0.5) * sc.width / cols, (k // cols + 0.5) * sc.height / rows
+            for t in sc.texts:
+                x1, y1, x2, y2 = t.box
+                if x1 <= cx < x2 and y1 <= cy < y2:
+                    ch = t.text[min(int((cx - x1) / max(x2 - x1, 1) * len(t.text)), len(t.text) - 1)]
+                    feats[k, 1 + LETTERS.index(ch) if ch in LETTERS else 0] = 1
+                    feats[k, N_LETTERS] = 1  # "text here"
+                    seen["small" if t.height < E.SMALL_TEXT_PX else "large"] += 1
+        return feats, (rows, cols)
+
+    monkeypatch.setattr(E, "vision_tokens", oracle_tokens)
+    vlm = type("V", (), {"generation": "2"})()
+    out = E.text_probe(vlm, 40, 40)
+    assert out["n>=14px"] > 0 and out["n<14px"] > 0 and seen["small"] > 0 and seen["large"] > 0
+    # Edge cells (text by overlap, centre off the glyphs) carry no feature here, so scores sit below 1
+    # but far above the most frequent letter's share.
+    assert out["letter>=14px"] > 0.6 and out["letter<14px"] > 0.45 and out["chance"] < 0.15, out
+    assert out["found>=14px"] > 0.6 and out["found<14px"] > 0.45 and out["false alarms"] < 0.05, out
