@@ -11,6 +11,10 @@ Rows of the table:
   video_when: % of answers within +-0.5 s of the event
 plus a cost line: vision tokens per image and milliseconds per answer (batched, this machine).
 
+`--ablation DIR DIR ...` puts generations side by side on the same held-out seeds: OCR split by text height,
+grounding, video timing, vision tokens and milliseconds per image vs resolution, and linear probes on the
+vision tokens (is there text under a token, which letter) that show what each vision side hands its decoder.
+
     from qvl.eval import evaluate, format_table
     results = evaluate(reply_fn, "2.5", tasks=("color", "ground"), n=50)   # reply_fn(list[Sample]) -> list[str]
 """

@@ -184,3 +184,34 @@ def test_shipped_tiny_model_answers_with_a_box(page, shipped_url, tmp_path):
     SHOTS.mkdir(parents=True, exist_ok=True)
     (SHOTS / "chat_tiny_model_stats.txt").write_text(page.locator("#chat_stats").inner_text() + "\n")
     assert page.js_errors == []
+
+
+def test_shipped_models_side_by_side_in_compare(page, shipped_url, tmp_path):
+    """Compare: one held-out scene through every shipped tiny generation; one row each, with that
+    generation's image-token count (qvl.media.account of the uploaded file)."""
+    from qvl.data import eval_samples
+    from qvl.train.tiny import GEN1_QUERIES
+
+    shipped = sorted(d.name for d in SHIPPED.glob("qvl-tiny-*") if (d / "config.json").exists())
+    sample = eval_samples("ground", "2", 1)[0]
+    png = tmp_path / "held_out_scene.png"
+    next(it["image"] for it in sample.prompt()[0]["content"] if it.get("type") == "image").save(png)
+    acc = media.account(png)
+
+    page.goto(shipped_url, wait_until="domcontentloaded")
+    page.locator("#media input[type='file']").set_input_files(png)
+    expect(page.locator("#tok_count")).to_contain_text("Qwen2.5-VL")
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#cmp_prompt textarea").fill(sample.qas[-1].question)
+    page.locator("#cmp_btn").click()
+    table = page.locator("#cmp_table")
+    for name in shipped:
+        expect(table).to_contain_text(name)
+    names = {"1": "Qwen-VL", "2": "Qwen2-VL", "2.5": "Qwen2.5-VL"}
+    for name in shipped:
+        g = name.removeprefix("qvl-tiny-")
+        row = table.locator("tr", has_text=name)
+        expect(row).to_contain_text(names[g])
+        expect(row.locator("td").nth(3)).to_contain_text(str(acc[g]["visual_tokens"] if g != "1" else GEN1_QUERIES))
+    _save(page, "compare_tiny_models.png")
+    assert page.js_errors == []
