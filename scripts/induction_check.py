@@ -8,6 +8,7 @@ without any look-up; `--min-len < --max-len` forces the real thing. docs/trainin
 
     python scripts/induction_check.py --vocab 64 --min-len 8 --max-len 40 --steps 3000 --lr 3e-4
     python scripts/induction_check.py --init runs/recipe/gen2.5/lm-pretrain/model   # a trained LM stand-in
+    python scripts/induction_check.py --steps 1300 --save runs/copy   # then: python -m qvl.train ... --init runs/copy
 
 Prints the copy loss and the copy accuracy (greedy) averaged over every `--every` steps.
 """
@@ -51,18 +52,22 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", default=None, help="write the trained model here (qvl layout), e.g. to --init a stage")
     a = ap.parse_args(argv)
 
     torch.manual_seed(a.seed)
+    tok_dir = tiny.build_tokenizers(a.tokenizer)
     if a.init:
         model = tiny.load_model(a.init)
     else:
-        tok = tiny.load_tokenizer("2.5", tiny.build_tokenizers(a.tokenizer))
+        tok = tiny.load_tokenizer("2.5", tok_dir)
         model = tiny.new_model("2.5", tok, a.seed, decoder={"layers": a.layers} if a.layers else None)
     vocab_size = model.config.text.vocab_size
     first_id, sep_id = 100, 5
     if first_id + a.vocab > vocab_size:
         raise SystemExit(f"--vocab {a.vocab}: the model has only {vocab_size} tokens")
+    if not 1 <= a.min_len <= a.max_len:
+        raise SystemExit(f"--min-len {a.min_len} / --max-len {a.max_len}: need 1 <= min <= max")
     params = [p for n, p in model.named_parameters() if not n.startswith("visual.")]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(a.seed + 1)
@@ -88,6 +93,9 @@ def main(argv=None) -> int:
             print(f"step {step:5d}  copy loss {loss_sum / a.every:5.2f}  copy acc {100 * acc_sum / a.every:5.1f} %  "
                   f"{time.perf_counter() - t0:6.0f} s", flush=True)
             loss_sum = acc_sum = 0.0
+    if a.save:
+        tiny.save_model(model.eval(), a.save, tok_dir)
+        print(f"saved {a.save}")
     return 0
 
 
