@@ -25,8 +25,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 from qvl.data import tasks as T
@@ -233,11 +233,10 @@ def text_probe(vlm, n_fit: int = PROBE_FIT, n_test: int = PROBE_FIT) -> dict:
     probes on the vision tokens of held-out OCR scenes on large canvases (half of them with small text), fit on
     n_fit scenes and scored on the next n_test, with the vision pre-training's per-token targets
     (`qvl.train.batching.dense_targets`): is there text under this token (class-balanced), and which letter.
-    Each text token counts toward the height of the word it overlaps most.
+    Each text token counts toward the height of the word it takes its letter from.
     -> {"found>=14px", "found<14px": share of text tokens detected, "false alarms": share of other tokens
         called text, "letter>=14px", "letter<14px": letter accuracy on text tokens, "chance": the most frequent
         letter's share, "n>=14px", "n<14px": text tokens scored}"""
-    import numpy as np
     import torch
 
     from qvl.train.batching import N_LETTERS, dense_targets
@@ -245,17 +244,11 @@ def text_probe(vlm, n_fit: int = PROBE_FIT, n_test: int = PROBE_FIT) -> dict:
     samples = T.eval_samples("ocr", vlm.generation, n_fit + n_test, PROBE_CONFIG)
     xs, texts, letters, heights = [], [], [], []
     for s in samples:
-        feats, (rows, cols) = vision_tokens(vlm, s)
-        cls, letter, _ = dense_targets(s.scene, (rows, cols))
-        sc = s.scene
-        j, i = np.meshgrid(np.arange(cols), np.arange(rows))
-        cx1, cy1 = j.ravel() * sc.width / cols, i.ravel() * sc.height / rows
-        cx2, cy2 = cx1 + sc.width / cols, cy1 + sc.height / rows
-        boxes = np.array([t.box for t in sc.texts], np.float64)  # [M, 4]
-        ix = np.clip(np.minimum(cx2[:, None], boxes[:, 2]) - np.maximum(cx1[:, None], boxes[:, 0]), 0, None)
-        iy = np.clip(np.minimum(cy2[:, None], boxes[:, 3]) - np.maximum(cy1[:, None], boxes[:, 1]), 0, None)
+        feats, grid = vision_tokens(vlm, s)
+        cls, letter, box = dense_targets(s.scene, grid)
         xs.append(feats), texts.append(cls == 1), letters.append(letter)
-        heights.append(torch.from_numpy(np.array([t.height for t in sc.texts])[(ix * iy).argmax(1)]))
+        # The owning word's height, from its box (normalised by the canvas; NaN off every object).
+        heights.append((box[:, 3] - box[:, 1]) * s.scene.height)
     split = sum(len(x) for x in xs[:n_fit])
     x, text, letter, height = (torch.cat(v) for v in (xs, texts, letters, heights))
     fit, test = slice(0, split), slice(split, None)

@@ -119,3 +119,8 @@ def test_text_probe_splits_by_the_height_of_the_word_under_each_token(monkeypatc
     # but far above the most frequent letter's share.
     assert out["letter>=14px"] > 0.6 and out["letter<14px"] > 0.45 and out["chance"] < 0.15, out
     assert out["found>=14px"] > 0.6 and out["found<14px"] > 0.45 and out["false alarms"] < 0.05, out
+
+
+def test_eval_cli_refuses_a_non_model_directory(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "qvl.eval", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "no config.json" in out.stderr and "Traceback" not in out.stderr
