@@ -245,6 +245,46 @@ def test_labelled_positions_loss_equals_the_full_lm_loss(generation, tok_dir):
     assert model.lm_head._forward_pre_hooks == {}  # the hook is gone afterwards (generation is untouched)
 
 
+@pytest.mark.parametrize("weighting", ["answer", "sqrt"])
+def test_answer_weighting_averages_per_answer_not_per_token(weighting, tok_dir):
+    """Independent re-computation: each answer of each multi-turn sample tokenised on its own (+ <|im_end|>),
+    its tokens' cross-entropies read from the full logits at the positions that predict them, then averaged
+    per answer with weight 1/n (`answer`) or 1/sqrt(n) (`sqrt`) per token -- equals the trainer's loss."""
+    import torch.nn.functional as F
+
+    from qvl.train.batching import embed_kwargs
+    from qvl.train.loop import labelled_lm_loss
+
+    generation = "2.5"
+    model, tok = micro_model(generation, tok_dir)
+    cfg = S.get("stage3").data_config()
+    samples = [s for s in itertools.islice(iterate(generation, config=replace(cfg, max_turns=3)), 6)]
+    batch = Collator(generation, tok, model.config, loss="assistant", weighting=weighting)(samples)
+    with torch.no_grad():
+        embeds = model.embed(batch["input_ids"], **embed_kwargs(batch["vision"]))
+        logits = model(embeds, batch["positions"])
+        got = labelled_lm_loss(model, embeds, batch["positions"], batch["labels"], batch["label_weights"])
+    num = den = 0.0
+    lengths = set()
+    for b, s in enumerate(samples):
+        ids = batch["input_ids"][b].tolist()
+        start = 0
+        for qa in s.qas:
+            answer = tok.encode(qa.answer) + [tok.im_end_id]
+            header = [tok.im_start_id] + tok.encode("assistant\n")
+            i = next(j for j in range(start, len(ids)) if ids[j:j + len(header)] == header) + len(header)
+            assert ids[i:i + len(answer)] == answer
+            ce = F.cross_entropy(logits[b, i - 1:i - 1 + len(answer)].float(), torch.tensor(answer), reduction="none")
+            w = 1.0 / len(answer) if weighting == "answer" else len(answer) ** -0.5
+            num, den = num + w * float(ce.sum()), den + w * len(answer)
+            lengths.add(len(answer))
+            start = i + len(answer)
+    assert len(lengths) > 1  # answers of different lengths, or the weighting would not matter
+    assert abs(float(got) - num / den) < 1e-4
+    token_mean = labelled_lm_loss(model, embeds, batch["positions"], batch["labels"])
+    assert abs(float(token_mean) - float(got)) > 1e-4
+
+
 def test_length_bucketing_regroups_the_same_samples_with_less_padding(tok_dir):
     from qvl.train.loop import StageData
 

@@ -125,13 +125,17 @@ def labelled_logits(model: nn.Module, embeds: torch.Tensor, positions: torch.Ten
 
 
 def labelled_lm_loss(model: nn.Module, embeds: torch.Tensor, positions: torch.Tensor,
-                     labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the labelled positions; equals lm_loss(model(...), labels)."""
+                     labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the labelled positions; equals lm_loss(model(...), labels). With `weights`
+    [B, T] (the Collator's `label_weights`): the weighted sum over labelled positions / the sum of weights."""
     select = labels != IGNORE
     logits = labelled_logits(model, embeds, positions, select)
     if logits.shape[0] == 0:  # no targets in this batch: a zero that still reaches every parameter
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels[select])
+    if weights is None:
+        return F.cross_entropy(logits.float(), labels[select])
+    w = weights[select]
+    return (F.cross_entropy(logits.float(), labels[select], reduction="none") * w).sum() / w.sum()
 
 
 class TrainModule(nn.Module):
@@ -164,7 +168,7 @@ class TrainModule(nn.Module):
             vision = embed_kwargs(batch["vision"])
             if stage.lm:
                 embeds = model.embed(batch["input_ids"], **vision)
-                loss = labelled_lm_loss(model, embeds, batch["positions"], batch["labels"])
+                loss = labelled_lm_loss(model, embeds, batch["positions"], batch["labels"], batch.get("label_weights"))
                 metrics["lm_loss"] = loss.detach()
             else:  # vision pre-training: the decoder is not run at all
                 loss = torch.zeros((), device=batch["input_ids"].device)
@@ -532,7 +536,7 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
 
     collator = Collator(generation, tok, model.config, loss="assistant" if stage.loss == "dpo" else
                         ("text" if stage.loss == "dense" else stage.loss), dense=stage.dense,
-                        gen1_image_size=stage.gen1_image_size)
+                        gen1_image_size=stage.gen1_image_size, weighting=stage.weighting)
     if workers is None:
         workers = 4 if dev.type == "cuda" else 1
     data = StageData(stage, generation, collator, B, start, total, d.rank, d.world, records, bucket)

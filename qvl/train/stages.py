@@ -43,6 +43,7 @@ class Stage:
     mix: dict | None = None  # task weights (None = qvl.data.DEFAULT_MIX)
     data: dict = field(default_factory=dict)  # DataConfig overrides; "scene"/"clip": SceneConfig/ClipConfig ones
     loss: str = "text"  # "text" | "assistant" | "dense" (vision only) | "dpo"
+    weighting: str = "token"  # how the LM loss averages target tokens: "token" | "answer" | "sqrt" (batching.WEIGHTINGS)
     dense_weight: float = 0.0  # weight of the dense vision loss next to the LM loss
     gen1_image_size: int | None = None  # Qwen-VL's fixed input size for this stage (None = the model's)
     lr: float = 1e-3
