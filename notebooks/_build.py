@@ -610,6 +610,55 @@ assert drift < 1e-3
 findings["scores invariant to a common shift (rel. drift)"] = f"{drift:.0e}"
 '''),
 ("md", r'''
+## 6. How far does each axis turn across one image?
+
+The split in section 1 is *contiguous*: t gets the fastest frequencies, w the slowest. Gen 2/2.5 vision
+tokens carry no absolute position in their content (the ViT has no position embedding, and a patch of plain
+background looks the same wherever it sits), so a token's row and column reach the decoder through its
+rotary ids (and, weakly, through the raster order of the causal sequence). How far the w block turns from
+an image's first column to its last says how strongly the column can show in an attention score. Measured
+from `mrope_cos_sin` at a one-step move along each axis, for a Qwen2-VL-7B head and for the shipped qvl-tiny
+decoders, across a 32-token-wide image (896 px):
+'''),
+("code", r'''
+import json, dataclasses
+heads = [("Qwen2-VL-7B", cfg)]
+if (MODELS / "qvl-tiny-2.5" / "config.json").is_file():               # the shipped tiny decoder's rotary settings
+    tc = json.loads((MODELS / "qvl-tiny-2.5" / "config.json").read_text())
+    heads.append(("qvl-tiny", dataclasses.replace(cfg, hidden_size=tc["hidden_size"], num_attention_heads=tc["num_attention_heads"],
+                                                  rope_theta=tc["rope_theta"], mrope_section=tc["rope_scaling"]["mrope_section"])))
+else:
+    print("no qvl-tiny-2.5 under", MODELS, "- the tiny row is skipped")
+span = 31                                                            # first to last column of a 32-token-wide image
+turn = {}
+for name, c in heads:
+    sec = np.cumsum([0] + c.mrope_section)
+    for axis, label in enumerate("thw"):
+        p = torch.zeros(3, 1, 1, dtype=torch.long); p[axis] = 1
+        cos, sin = qwen2_vl.mrope_cos_sin(p, c, torch.float64)
+        step = torch.atan2(sin, cos)[0, 0, sec[axis]:sec[axis + 1]]  # rad per step, this axis' frequencies
+        turn[(name, label)] = float(step.max())
+    print(f"{name:12} theta {c.rope_theta:>9g}: fastest rad/step  t {turn[(name, 't')]:.3f}  h {turn[(name, 'h')]:.4f}  "
+          f"w {turn[(name, 'w')]:.5f}  ->  w turns at most {span * turn[(name, 'w')]:.3f} rad across the image")
+assert turn[("Qwen2-VL-7B", "w")] < 2e-4 and turn.get(("qvl-tiny", "w"), 0) < 4e-3
+assert turn[("Qwen2-VL-7B", "h")] > 100 * turn[("Qwen2-VL-7B", "w")]
+findings["w turn across 31 columns, rad (7B, tiny)"] = tuple(round(span * turn[(n, "w")], 4) for n, _ in heads)
+'''),
+("md", r'''
+A 7B head turns its w channels by less than 0.01 rad across a whole image, and the tiny decoders' by
+< 0.1 rad; the fastest h frequency turns 30× (tiny) to 180× (7B) faster than the fastest w one. What that
+does to learning, measured with `scripts/mrope_column_check.py` (a 2-layer decoder names the row and column
+of the one marked token in a grid of identical ones, from the rotary ids alone; `docs/training_log.md`,
+session 6): column accuracy after 250 / 500 / 1 000 steps is 51 / 83 / 88 % at theta 100, 18 / 57 / 93 % at
+the tiny models' 10 000, and 17 / 20 / 28 % at the 7B's 1 000 000 — no better than with *no* spatial ids at
+all (15 / 20 / 27 %, every frequency on t). So a small decoder can read columns at theta 10 000, a few hundred
+steps later than rows; at a million it has to find another way (large models do, with scale). The shipped
+tiny models have not learned it within their budget: a linear probe reads an image token's row from their
+hidden states (R² ≈ 0.5 after one layer) but not its column (R² ≤ 0.07). Qwen3-VL changed the layout to
+*interleaved* frequencies (t, h, w, t, h, w, …; `shared/reference/qwen2_qwen25_qwen3_vl.md`), which gives
+every axis fast and slow ones; qvl implements Qwen-VL to Qwen2.5-VL only.
+'''),
+("md", r'''
 ## The guide says / the code shows
 
 | The guide says | The code shows |
@@ -619,6 +668,7 @@ findings["scores invariant to a common shift (rel. drift)"] = f"{drift:.0e}"
 | For images, t is a constant "e.g. 0", h and w are the token's coordinates | **Almost.** t is constant but equals the running position where the text stopped (here 4), and h, w start from the same value. The text after an image continues at max + 1: a 768-token (24×32) image uses up only 32 ids. |
 | For video, t increases with the frame number 0, 1, 2, … | **Not per frame.** t counts temporal patches of 2 frames in Qwen2-VL (0, 1, 2 for 6 frames); Qwen2.5-VL scales by time (0, 2, 4 at 2 fps), see notebook 05. |
 | One mechanism for word order, pixel position and frame order | **Right**, and relative: shifting every id leaves the attention scores unchanged. |
+| (not in the guide) every axis is equally visible | **No:** the contiguous split gives w the slowest frequencies; across a 32-token-wide image a Qwen2-VL-7B head's w channels turn < 0.01 rad, the tiny decoders' < 0.1 rad (section 6). A small decoder still learns columns at theta 10 000, but not at the 7B's 1 000 000 within 1 000 steps. Qwen3-VL interleaves the axes. |
 '''),
 ("code", r'''
 for k, v in findings.items():
@@ -627,6 +677,7 @@ assert findings["frequencies per axis (t, h, w)"] == [16, 24, 24]
 assert findings["text: M-RoPE table == 1-D table (bit-exact)"] is True
 assert findings["ids used by a 768-token image"] == 32
 assert findings["video t ids, 6 frames @2 fps (gen 2 / gen 2.5)"] == ([0, 1, 2], [0, 2, 4])
+assert all(a < 0.1 for a in findings["w turn across 31 columns, rad (7B, tiny)"])
 '''),
 ]
 

@@ -1,0 +1,118 @@
+"""Where does a trained model know an image token's position, and do its boxes use it?
+
+Two measurements on held-out generated scenes (docs/training_log.md, session 6, has the numbers):
+
+  tokens  ridge probes from an image token's hidden state to its (row, column) in the merged grid, at the
+          decoder's input (the vision tokens themselves) and after chosen decoder layers; R² on held-out
+          images (every 5th image). Gen 2/2.5 tokens carry no position in their content (the ViT has no
+          position embedding), so anything above ~0 comes from the decoder's rotary ids.
+  boxes   grounding on scenes with one shape: the error of the predicted box centre along x and y, as a
+          fraction of the image side, next to a constant guess (the mean centre); no look-up is needed.
+
+    python scripts/position_probe.py assets/models/qvl-tiny-2.5
+    python scripts/position_probe.py assets/models/qvl-tiny-1 --n 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+
+def ridge_r2(X: np.ndarray, y: np.ndarray, test: np.ndarray, lam: float = 1.0) -> list[float]:
+    """Standardised ridge regression fit on ~test rows, R² per target column on the test rows."""
+    train = ~test
+    mu, sd = X[train].mean(0), X[train].std(0) + 1e-6
+    Xb = np.c_[(X - mu) / sd, np.ones(len(X))]
+    A = Xb[train].T @ Xb[train] + lam * np.eye(Xb.shape[1])
+    w = np.linalg.solve(A, Xb[train].T @ y[train])
+    resid = ((Xb[test] @ w - y[test]) ** 2).sum(0)
+    total = ((y[test] - y[test].mean(0)) ** 2).sum(0)
+    return [round(float(r), 3) for r in 1 - resid / total]
+
+
+def token_positions(vlm, generation: str, n: int, per_image: int = 48, seed: int = 0) -> dict:
+    """{"input" | layer: [R² row, R² column]} over the image tokens of n held-out colour scenes."""
+    from qvl.data import tasks as T
+    from qvl.generate import prefill
+    from qvl.models.qwen2_vl import Capture
+
+    model = vlm.model
+    n_layers = len(model.transformer.h) if generation == "1" else len(model.model.layers)
+    layers = sorted({0, 1, n_layers // 2 - 1, n_layers - 1})
+    feats: dict = {k: [] for k in ["input", *layers]}
+    targets, image_of = [], []
+    rng = np.random.default_rng(seed)
+    for i, s in enumerate(T.eval_samples("color", generation, n)):
+        batch = vlm.prepare([s.prompt()])
+        cap = Capture(hidden_layers=layers)
+        with torch.no_grad():
+            prefill(model, batch, model.make_cache(1, batch.input_ids.shape[1]), capture=cap)
+            embeds = model.embed(batch.input_ids, **batch.vision)
+        item = batch.media[0]
+        if item.grid_thw is None:  # gen 1: a square of resampler queries
+            H = W = int(round((item.end - item.start) ** 0.5))
+        else:
+            H, W = item.grid_thw[1] // 2, item.grid_thw[2] // 2  # merged tokens, row-major
+        pick = rng.choice(item.end - item.start, size=min(per_image, item.end - item.start), replace=False)
+        targets.append(np.stack([pick // W / max(H - 1, 1), pick % W / max(W - 1, 1)], 1))
+        image_of += [i] * len(pick)
+        feats["input"].append(embeds[0, item.start + pick].float().numpy())
+        for layer in layers:
+            feats[layer].append(cap.hidden[layer][0][0, item.start + pick].float().numpy())
+    y, test = np.concatenate(targets), np.array(image_of) % 5 == 0
+    return {str(k): ridge_r2(np.concatenate(v), y, test) for k, v in feats.items()}
+
+
+def box_errors(vlm, generation: str, n: int) -> dict:
+    """Centre errors (fraction of width / height) of one-shape grounding answers vs a constant guess."""
+    from qvl import eval as E
+    from qvl import grounding
+    from qvl.data import tasks as T
+
+    cfg = T.DataConfig()
+    cfg = replace(cfg, scene=replace(cfg.scene, max_objects=1))
+    samples = [s for s in T.eval_samples("ground", generation, n, config=cfg)
+               if s.truth["label"] not in {t.text for t in s.scene.texts}]  # shapes only
+    replies = E.vlm_reply_fn(vlm)(samples)
+    true, pred = [], []
+    for reply, s in zip(replies, samples):
+        t = s.truth
+        (h, w), b = t["original_size"], t["box"]
+        true.append(((b[0] + b[2]) / 2 / w, (b[1] + b[3]) / 2 / h))
+        boxes = [x for x in grounding.parse(reply, generation, original_size=t["original_size"],
+                                            resized_size=t["resized_size"]) if isinstance(x, grounding.Box)]
+        p = boxes[0].xyxy if boxes else None
+        pred.append(((p[0] + p[2]) / 2 / w, (p[1] + p[3]) / 2 / h) if p else (np.nan, np.nan))
+    true, pred = np.array(true), np.array(pred)
+    err = np.nanmean(np.abs(pred - true), 0)
+    const = np.abs(true - true.mean(0)).mean(0)
+    return {"n": len(samples), "parsed": round(float(np.mean(~np.isnan(pred[:, 0]))), 3),
+            "centre_error_x": round(float(err[0]), 3), "centre_error_y": round(float(err[1]), 3),
+            "constant_guess_x": round(float(const[0]), 3), "constant_guess_y": round(float(const[1]), 3)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--n", type=int, default=120, help="held-out scenes per measurement")
+    ap.add_argument("--skip", default="", help="tokens and/or boxes")
+    a = ap.parse_args(argv)
+    import qvl
+
+    vlm = qvl.load(a.model)
+    out = {"model": a.model, "generation": vlm.generation}
+    if "tokens" not in a.skip:
+        out["r2_row_column"] = token_positions(vlm, vlm.generation, a.n)
+    if "boxes" not in a.skip:
+        out["one_shape_boxes"] = box_errors(vlm, vlm.generation, a.n)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

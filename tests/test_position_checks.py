@@ -1,0 +1,72 @@
+"""scripts/mrope_column_check.py and scripts/position_probe.py: the synthetic grids put the marked token at the
+(row, column) the M-RoPE ids say, the check trains and reports; the ridge probe scores a linear target near 1
+and noise near 0; the probe script runs end to end on a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qvl.train import tiny
+
+from test_train import MICRO_DECODER, MICRO_VISION, tok_dir  # noqa: F401  (fixture)
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+mc = _load("mrope_column_check")
+pp = _load("position_probe")
+
+
+def test_grid_rows_put_the_marked_token_where_its_ids_say():
+    ids, mask, pos, slots, rows, cols = mc.grids(16, 3, 7, torch.Generator().manual_seed(3))
+    for b in range(16):
+        n = int(mask[b].sum())
+        assert ids[b, slots[b]] == mc.QUESTION and slots[b] == n - 1
+        assert ids[b, 3] == mc.START and ids[b, n - 2] == mc.END
+        first = 4  # the first grid token; its (h, w) ids are the grid's origin
+        marked = int((ids[b] == mc.MARKED).nonzero())
+        # written independently of qvl.positions: h and w ids advance by the token's row and column
+        assert pos[1, b, marked] - pos[1, b, first] == rows[b]
+        assert pos[2, b, marked] - pos[2, b, first] == cols[b]
+        assert pos[0, b, marked] == pos[0, b, first]  # one image: a single time id
+        grid = (ids[b] == mc.BACKGROUND) | (ids[b] == mc.MARKED)
+        height = int(pos[1, b, grid].max() - pos[1, b, grid].min()) + 1
+        assert marked - first == rows[b] * (int(grid.sum()) // height) + cols[b]  # raster order
+
+
+def test_column_check_trains_and_reports(capsys):
+    assert mc.main(["--steps", "2", "--every", "1", "--hidden", "64", "--layers", "1", "--batch", "4",
+                    "--max-side", "4"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step")]
+    assert len(lines) == 2 and "column acc" in lines[-1]
+
+
+def test_ridge_r2_scores_a_linear_target_high_and_noise_low():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 8))
+    y = np.stack([X @ rng.normal(size=8), rng.normal(size=600)], 1)
+    test = np.arange(600) % 5 == 0
+    r2 = pp.ridge_r2(X, y, test)
+    assert r2[0] > 0.99 and abs(r2[1]) < 0.1
+
+
+def test_position_probe_runs_on_a_tiny_model(tmp_path, tok_dir, capsys):
+    tok = tiny.load_tokenizer("2.5", tok_dir)
+    tiny.save_model(tiny.new_model("2.5", tok, decoder=MICRO_DECODER, vision=MICRO_VISION), tmp_path / "m", tok_dir)
+    assert pp.main([str(tmp_path / "m"), "--n", "5"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["r2_row_column"]) >= {"input", "0"}
+    assert all(len(v) == 2 for v in out["r2_row_column"].values())
+    assert out["one_shape_boxes"]["n"] >= 1
