@@ -88,6 +88,20 @@ def test_vision_tower_matches(pair):
     assert (ref - out).abs().max().item() < TOL
 
 
+def test_quick_gelu_in_place_sigmoid_keeps_values_and_gradients():
+    # QuickGELU runs its sigmoid in place to save a temporary; the value must be the formula's exactly and
+    # autograd must still see a correct graph (a training step goes through it)
+    from qvl.models.qwen2_vl import QuickGELU
+
+    x = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
+    expected = x * torch.sigmoid(1.702 * x)
+    assert torch.equal(QuickGELU()(x), expected)
+    assert torch.autograd.gradcheck(QuickGELU(), (x,))
+    with torch.no_grad():  # the fully in-place path
+        before = x.detach().clone()
+        assert torch.equal(QuickGELU()(x), expected) and torch.equal(x, before)  # the input is left alone
+
+
 def test_text_only(pair):
     hf, qm = pair
     assert compare(hf, qm, torch.tensor([prompt([17])])) < TOL

@@ -186,7 +186,12 @@ class VisionAttention(nn.Module):
 
 class QuickGELU(nn.Module):
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)  # CLIP's sigmoid approximation of GELU (§3.4)
+        # CLIP's sigmoid approximation of GELU, x * sigmoid(1.702 x) (§3.4), with one [L, mlp] buffer
+        # instead of the one-liner's three: the sigmoid runs in place on the fresh 1.702 x, and when no
+        # graph is being recorded the product does too (autograd would need the sigmoid's output intact).
+        # At 1008^2 that takes 106 MB off each Qwen2-VL ViT block's peak.
+        gate = (1.702 * x).sigmoid_()
+        return x * gate if x.requires_grad else gate.mul_(x)
 
 
 class VisionMLP(nn.Module):
