@@ -102,6 +102,21 @@ def test_quick_gelu_in_place_sigmoid_keeps_values_and_gradients():
         assert torch.equal(QuickGELU()(x), expected) and torch.equal(x, before)  # the input is left alone
 
 
+def test_swiglu_in_place_inference_path_equals_the_graph_path():
+    # MLP runs silu and the product in place when no graph is recorded; both paths must give the same
+    # values, and the graph path must still train (gradients of the plain formula)
+    from qvl.models.qwen2_vl import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(8, 24, bias=True).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    expected = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    with torch.no_grad():
+        assert torch.equal(mlp(x), expected)
+    assert torch.equal(mlp(x), expected)
+    assert torch.autograd.gradcheck(mlp, (x.clone().requires_grad_(),))
+
+
 def test_text_only(pair):
     hf, qm = pair
     assert compare(hf, qm, torch.tensor([prompt([17])])) < TOL

@@ -332,7 +332,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if gate.requires_grad:  # autograd keeps silu's input and both factors of the product
+            return self.down_proj(F.silu(gate) * up)
+        # inference: silu and the product in place, one [.., hidden] buffer fewer at the peak (126 MB per
+        # Qwen2.5-VL ViT block at 1344^2; the decoder's prefill gains the same way)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class DecoderLayer(nn.Module):
