@@ -38,7 +38,7 @@ def ridge_r2(X: np.ndarray, y: np.ndarray, test: np.ndarray, lam: float = 1.0) -
 def token_positions(vlm, generation: str, n: int, per_image: int = 48, seed: int = 0) -> dict:
     """{"input" | layer: [R² row, R² column]} over the image tokens of n held-out colour scenes."""
     from qvl.data import tasks as T
-    from qvl.generate import prefill
+    from qvl.generate import prompt_positions
     from qvl.models.qwen2_vl import Capture
 
     model = vlm.model
@@ -50,9 +50,10 @@ def token_positions(vlm, generation: str, n: int, per_image: int = 48, seed: int
     for i, s in enumerate(T.eval_samples("color", generation, n)):
         batch = vlm.prepare([s.prompt()])
         cap = Capture(hidden_layers=layers)
-        with torch.no_grad():
-            prefill(model, batch, model.make_cache(1, batch.input_ids.shape[1]), capture=cap)
+        pos, _ = prompt_positions(model, batch.input_ids, batch.attention_mask, batch.vision)
+        with torch.no_grad():  # one pass: the embeddings are the probe's "input" row and the decoder's input
             embeds = model.embed(batch.input_ids, **batch.vision)
+            model(embeds, pos, capture=cap, last_only=True)
         item = batch.media[0]
         if item.grid_thw is None:  # gen 1: a square of resampler queries
             H = W = int(round((item.end - item.start) ** 0.5))
