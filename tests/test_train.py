@@ -409,3 +409,48 @@ def test_lm_pretrain_probe_asks_the_held_out_questions_as_text(tok_dir, tmp_path
     tiny.save_model(model, tmp_path / "lm-pretrain" / "model", tok_dir)
     scores = probe(tmp_path / "lm-pretrain", "2.5", 2)
     assert set(scores) == set(TEXT_PROBE_TASKS) and (tmp_path / "lm-pretrain" / "probe.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe variants: the object curriculum and decoder overrides (docs/training_log.md, session 7)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_object_curriculum_caps_the_shapes_per_phase_of_the_stage(tok_dir):
+    from qvl.train.loop import StageData
+
+    model, tok = micro_model("2.5", tok_dir)
+    stage = small(S.get("stage2"), batch_size=4, objects=((0.25, 1), (0.5, 2)), mix={"count": 1.0, "color": 1.0})
+    coll = Collator("2.5", tok, model.config, loss="text")
+    data = StageData(stage, "2.5", coll, 4, 0, 16, bucket=1)  # 64 samples: 0-15 <= 1 shape, 16-31 <= 2, rest <= 3
+    counts = [[len(s.scene.shapes) for s in data.samples(k)] for k in range(16)]
+    assert max(max(c) for c in counts[:4]) == 1
+    assert max(max(c) for c in counts[4:8]) == 2
+    assert max(max(c) for c in counts[8:]) == 3  # the stage's own cap (SMALL_DATA) after the last phase
+    # the cap depends on the index alone, so every rank and a resumed run draw the same samples
+    again = StageData(stage, "2.5", coll, 2, 0, 16, rank=1, world=2, bucket=1)
+    assert [s.seed for s in again.samples(0)] == [S.sample_at(stage, "2.5", i, total=64).seed for i in (2, 3)]
+    assert S.max_objects_at(stage, 15, 64) == 1 and S.max_objects_at(stage, 16, 64) == 2
+    assert S.max_objects_at(stage, 32, 64) is None and S.max_objects_at(S.get("stage2"), 0, 64) is None
+
+
+@pytest.mark.parametrize("generation", ["1", "2.5"])
+def test_a_fresh_model_takes_the_decoder_overrides(generation, tok_dir, tmp_path):
+    import json
+
+    decoder = {**MICRO_DECODER, "rope_theta": 100.0}
+    train(small(S.get("lm-pretrain"), batch_size=2), generation, tmp_path, 2, tokenizer=tok_dir, decoder=decoder,
+          workers=0, quiet=True)
+    cfg = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert cfg["hidden_size"] == 64
+    assert cfg["rotary_emb_base" if generation == "1" else "rope_theta"] == 100.0
+
+
+def test_recipe_rejects_a_malformed_object_curriculum_in_one_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", "--object-curriculum", "0.5"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--object-curriculum: expected F:N" in out.stderr.strip().splitlines()[-1]

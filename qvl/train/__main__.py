@@ -120,8 +120,11 @@ def probe(stage_dir: Path, generation: str, n: int, device=None) -> dict:
 
 def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, device=None, workers=None,
                eval_n: int = 200, dpo_eval_n: int = 50, seed: int = 0, fsdp: bool = False,
-               probe_n: int = 32) -> dict:
-    """All stages for one generation -> OUT/qvl-tiny-{generation}; returns a report dict."""
+               probe_n: int = 32, decoder: dict | None = None, stage_overrides: dict | None = None) -> dict:
+    """All stages for one generation -> OUT/qvl-tiny-{generation}; returns a report dict.
+    `decoder` overrides tiny.DECODER for the fresh model; `stage_overrides` = {stage name: {Stage field: value}}
+    (both recorded in the report, so a variant of the recipe says what it changed)."""
+    from dataclasses import replace
     import torch.distributed as dist
 
     from qvl import eval as E
@@ -134,6 +137,9 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
         dist.barrier()
     gdir = work / f"gen{generation}"
     report: dict = {"generation": generation, "stages": {}}
+    if decoder or stage_overrides:
+        report["variant"] = {"decoder": decoder or {}, "stages": stage_overrides or {}}
+    stage_overrides = stage_overrides or {}
     prev = None
     budget = {k: max(1, int(v * scale)) for k, v in S.BUDGETS.items()}
     for name in S.ORDER:
@@ -174,9 +180,10 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
         else:
             if name == "dpo" and main and dpo_eval_n:
                 report["dpo_before"] = E.evaluate_dir(model_dir_of(prev), dpo_eval_n, device=device)[0]
-            report["stages"][name] = train(name, generation, sdir, budget[name], init=prev, tokenizer=tok_dir,
+            stage = replace(S.get(name), **stage_overrides.get(name, {}))
+            report["stages"][name] = train(stage, generation, sdir, budget[name], init=prev, tokenizer=tok_dir,
                                            resume=True, device=device, workers=workers, seed=seed, fsdp=fsdp,
-                                           records=records)
+                                           records=records, decoder=decoder)
         if main and probe_n and S.get(name).lm:
             report["stages"][name]["probe"] = probe(sdir, generation, probe_n, device)
         prev = sdir
@@ -206,14 +213,26 @@ def recipe_main(argv) -> int:
     ap.add_argument("--work", default="runs/recipe", help="stage checkpoints, logs, curves")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's sample budget")
     ap.add_argument("--eval-n", type=int, default=200)
+    ap.add_argument("--rope-theta", type=float, default=None,
+                    help="decoder rotary base (default tiny.DECODER's 10^4; docs/training_log.md session 6)")
+    ap.add_argument("--object-curriculum", default=None, metavar="F:N,...",
+                    help="stage 2 draws at most N shapes per scene before fraction F of its samples, e.g. 0.25:1,0.5:2")
     _common(ap)
     a = ap.parse_args(argv)
+    decoder = {"rope_theta": a.rope_theta} if a.rope_theta else None
+    overrides = None
+    if a.object_curriculum:
+        try:
+            phases = tuple((float(f), int(n)) for f, n in (p.split(":") for p in a.object_curriculum.split(",")))
+        except ValueError:
+            ap.error(f"--object-curriculum: expected F:N,... (e.g. 0.25:1,0.5:2), got {a.object_curriculum!r}")
+        overrides = {"stage2": {"objects": phases}}
     gens = ["2.5", "2", "1"] if a.generation == "all" else [a.generation]
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     for g in gens:
         run_recipe(g, out, work, a.scale, a.device, a.workers, a.eval_n, dpo_eval_n=min(50, a.eval_n), seed=a.seed,
-                   fsdp=a.fsdp, probe_n=min(32, a.eval_n))
+                   fsdp=a.fsdp, probe_n=min(32, a.eval_n), decoder=decoder, stage_overrides=overrides)
     return 0
 
 

@@ -245,6 +245,7 @@ class StageData(IterableDataset):
         if stage.source == "records":  # DPO rows are (chosen, rejected) pairs; records stages are small
             self.bucket = 1
         self._chunk: tuple[int, list] | None = None
+        self.samples_total = total * world * batch_size  # all ranks: places a sample in the object curriculum
 
     def _chunk_batches(self, chunk: int) -> list[list]:
         """All batches of one chunk of K steps, indexed [(step - chunk * K) * world + rank]."""
@@ -252,7 +253,8 @@ class StageData(IterableDataset):
             return self._chunk[1]
         K, B, W = self.bucket, self.batch_size, self.world
         base = chunk * K * W * B
-        items = [S.sample_at(self.stage, self.generation, base + j, self.records) for j in range(K * W * B)]
+        items = [S.sample_at(self.stage, self.generation, base + j, self.records, self.samples_total)
+                 for j in range(K * W * B)]
         order = sorted(range(len(items)), key=lambda j: (token_estimate(items[j]), j))
         batches = [[items[j] for j in order[i * B:(i + 1) * B]] for i in range(K * W)]
         # deal whole steps (W batches of neighbouring lengths each) in a seeded random order
@@ -266,7 +268,8 @@ class StageData(IterableDataset):
             out = self._chunk_batches(step // self.bucket)[(step % self.bucket) * self.world + self.rank]
         else:
             base = (step * self.world + self.rank) * self.batch_size
-            out = [S.sample_at(self.stage, self.generation, base + j, self.records) for j in range(self.batch_size)]
+            out = [S.sample_at(self.stage, self.generation, base + j, self.records, self.samples_total)
+                   for j in range(self.batch_size)]
         if self.stage.source != "records":
             return out
         cfg = self.stage.data_config()
@@ -452,11 +455,12 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
           resume: bool = False, device: str | None = None, batch_size: int | None = None, lr: float | None = None,
           workers: int | None = None, seed: int = 0, fsdp: bool = False, save_every: int | None = None,
           stop_after: int | None = None, records: list[dict] | None = None, log_every: int = 10,
-          quiet: bool = False, bucket: int | None = None) -> dict:
+          quiet: bool = False, bucket: int | None = None, decoder: dict | None = None) -> dict:
     """Train one stage for `samples` samples (all ranks together) and write OUT/{model, loss.csv, loss.png,
     state.pt, summary.json}. `init` = a model directory (or a stage directory holding model/) to start from;
     without it a fresh tiny model is built with `tokenizer` (a build_tokenizers directory).
-    `bucket` overrides the stage's length-bucketing chunk (steps; 1 = off).
+    `bucket` overrides the stage's length-bucketing chunk (steps; 1 = off). `decoder` overrides
+    `tiny.DECODER` for a fresh model (e.g. {"rope_theta": 100.0}).
     `stop_after` ends this call after that many steps (the schedule still spans all `samples`): with
     `resume=True` a later call continues exactly where it stopped. -> summary dict."""
     stage = S.get(stage) if isinstance(stage, str) else stage
@@ -480,7 +484,7 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
         if tokenizer is None:
             raise ValueError("a fresh model needs tokenizer=DIR (see tiny.build_tokenizers) or init=MODEL_DIR")
         tok_dir = Path(tokenizer)
-        model = tiny.new_model(generation, tiny.load_tokenizer(generation, tok_dir), seed=seed)
+        model = tiny.new_model(generation, tiny.load_tokenizer(generation, tok_dir), seed=seed, decoder=decoder)
     if model.generation != generation:
         raise ValueError(f"init model is generation {model.generation}, asked for {generation}")
     tok = tiny.load_tokenizer(generation, tok_dir)

@@ -58,6 +58,10 @@ class Stage:
     bucket: int = 8  # length bucketing: sort the samples of this many steps by length (qvl.train.loop.StageData)
     relist: float = 0.0  # drills: share of scene samples turned into look-up-and-copy drills (`relist`)
     repeat: float = 0.0  # drills: share of scene samples turned into verbatim copy drills (`repeat`)
+    # Object curriculum: ((until_fraction, max_objects), ...) -- the samples before that fraction of the stage
+    # draw scenes with at most that many shapes, the rest the stage's own `scene.max_objects`. Session 5 saw
+    # one-object reading form in ~200 focused steps while look-up among several objects did not (docs/training_log.md).
+    objects: tuple[tuple[float, int], ...] = ()
 
     @property
     def lm(self) -> bool:
@@ -209,10 +213,22 @@ def drill(sample: Sample, seed: int) -> Sample:
 # --------------------------------------------------------------------------------------------------
 
 
-def sample_at(stage: Stage, generation: str, index: int, records: list[dict] | None = None) -> Sample | dict:
+def max_objects_at(stage: Stage, index: int, total: int | None) -> int | None:
+    """The object cap of the `stage.objects` curriculum phase that sample `index` of `total` falls in (None: none)."""
+    if not stage.objects or not total:
+        return None
+    return next((m for until, m in stage.objects if index < until * total), None)
+
+
+def sample_at(stage: Stage, generation: str, index: int, records: list[dict] | None = None,
+              total: int | None = None) -> Sample | dict:
     """The index-th training sample of a stage: deterministic, random access (each DDP rank and DataLoader
-    worker computes its own share from the index alone)."""
+    worker computes its own share from the index alone). `total` = the stage's sample count, which places
+    the index in the `stage.objects` curriculum."""
     cfg = stage.data_config()
+    cap = max_objects_at(stage, index, total)
+    if cap is not None:
+        cfg = replace(cfg, scene=replace(cfg.scene, max_objects=min(cap, cfg.scene.max_objects)))
     mix = stage.mix
     if mix is not None and generation == "1":
         mix = {k: v for k, v in mix.items() if k not in T.VIDEO_TASKS} or None

@@ -26,7 +26,7 @@ from qvl.config import Qwen2VLConfig, TextConfig, VisionConfig
 from qvl.models import qwen_vl as G1
 
 GENERATIONS = ("1", "2", "2.5")
-DECODER = dict(hidden=256, layers=8, heads=4, kv_heads=2, intermediate=448)
+DECODER = dict(hidden=256, layers=8, heads=4, kv_heads=2, intermediate=448, rope_theta=10000.0)
 VISION = dict(depth=4, dim=128, heads=4, mlp=512)
 GEN1_IMAGE_SIZE = 224
 GEN1_QUERIES = 64
@@ -95,7 +95,7 @@ def qwen2_config(generation: str, tokenizer, decoder: dict | None = None, vision
     d, v = {**DECODER, **(decoder or {})}, {**VISION, **(vision or {})}
     text = TextConfig(vocab_size=pad_vocab(len(tokenizer)), hidden_size=d["hidden"],
                       intermediate_size=d["intermediate"], num_hidden_layers=d["layers"],
-                      num_attention_heads=d["heads"], num_key_value_heads=d["kv_heads"], rope_theta=10000.0,
+                      num_attention_heads=d["heads"], num_key_value_heads=d["kv_heads"], rope_theta=d["rope_theta"],
                       mrope_section=mrope_section(d["hidden"] // d["heads"]),
                       max_position_embeddings=4096, tie_word_embeddings=True)
     if generation == "2":
@@ -118,7 +118,7 @@ def qwen_vl_config(tokenizer, decoder: dict | None = None, vision: dict | None =
     text = G1.TextConfig(vocab_size=pad_vocab(len(tokenizer)), hidden_size=d["hidden"],
                          num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
                          kv_channels=d["hidden"] // d["heads"], intermediate_size=2 * d["intermediate"],
-                         seq_length=2048, max_position_embeddings=4096)
+                         seq_length=2048, max_position_embeddings=4096, rotary_emb_base=d["rope_theta"])
     vision = G1.VisionConfig(image_size=GEN1_IMAGE_SIZE, patch_size=14, width=v["dim"], layers=v["depth"],
                              heads=v["heads"], mlp_ratio=v["mlp"] / v["dim"], output_dim=d["hidden"],
                              image_start_id=tokenizer.img_start_id, n_queries=GEN1_QUERIES,
