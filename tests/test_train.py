@@ -446,11 +446,12 @@ def test_a_fresh_model_takes_the_decoder_overrides(generation, tok_dir, tmp_path
     assert cfg["rotary_emb_base" if generation == "1" else "rope_theta"] == 100.0
 
 
-def test_recipe_rejects_a_malformed_object_curriculum_in_one_line():
+def test_recipe_rejects_malformed_variant_flags_in_one_line():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", "--object-curriculum", "0.5"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "--object-curriculum: expected F:N" in out.stderr.strip().splitlines()[-1]
+    for flag, value, says in (("--object-curriculum", "0.5", "--object-curriculum: expected F:N"),
+                              ("--rope-theta", "0", "--rope-theta must be > 1")):
+        out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", flag, value], capture_output=True, text=True)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert says in out.stderr.strip().splitlines()[-1]

@@ -219,6 +219,8 @@ def recipe_main(argv) -> int:
                     help="stage 2 draws at most N shapes per scene before fraction F of its samples, e.g. 0.25:1,0.5:2")
     _common(ap)
     a = ap.parse_args(argv)
+    if a.rope_theta is not None and not a.rope_theta > 1:
+        ap.error(f"--rope-theta must be > 1 (the rotary base), got {a.rope_theta}")
     decoder = {"rope_theta": a.rope_theta} if a.rope_theta else None
     overrides = None
     if a.object_curriculum:
