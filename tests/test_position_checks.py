@@ -53,6 +53,39 @@ def test_column_check_trains_and_reports(capsys):
     assert len(lines) == 2 and "column acc" in lines[-1]
 
 
+def test_digit_answers_follow_the_question_and_spell_the_cell_centre():
+    ids, mask, pos, slots, rows, cols = mc.grids(8, 3, 12, torch.Generator().manual_seed(5), answer=True)
+    for b in range(8):
+        n = int(mask[b].sum())
+        answer = ids[b, slots[b] + 1:n].tolist()
+        # written out by hand: the merged cell's centre, 28 px per cell, x then y
+        x, y = 28 * int(cols[b]) + 14, 28 * int(rows[b]) + 14
+        assert answer == [mc.DIGIT0 + int(c) for c in f"{x}"] + [mc.COMMA] + [mc.DIGIT0 + int(c) for c in f"{y}"] + [mc.EOS]
+        # answer tokens are text after the image: all three ids equal and counting up by one
+        assert (pos[:, b, slots[b] + 1:n] == pos[0, b, slots[b] + 1:n]).all()
+        assert (pos[0, b, slots[b] + 1:n].diff() == 1).all()
+
+
+def test_exact_xy_scores_each_coordinate_separately():
+    ids, mask, pos, slots, rows, cols = mc.grids(6, 3, 12, torch.Generator().manual_seed(7), answer=True)
+    idx, target, valid = mc.answer_slots(ids, mask, slots)
+    assert mc.exact_xy(target.clone(), target, valid) == (1.0, 1.0)
+    pred = target.clone()
+    pred[0, 0] = mc.DIGIT0 if target[0, 0] != mc.DIGIT0 else mc.DIGIT0 + 1  # row 0: first x digit wrong
+    last_y = int(valid[1].nonzero().max()) - 1  # row 1: the last y digit (before EOS) wrong
+    pred[1, last_y] = mc.COMMA
+    pred[2, -1] = mc.QUESTION if not valid[2, -1] else pred[2, -1]  # a wrong guess on padding counts for nothing
+    x, y = mc.exact_xy(pred, target, valid)
+    assert abs(x - 5 / 6) < 1e-6 and abs(y - 5 / 6) < 1e-6
+
+
+def test_column_check_digit_answers_train_and_report(capsys):
+    assert mc.main(["--answer", "digits", "--steps", "2", "--every", "1", "--hidden", "64", "--layers", "1",
+                    "--batch", "4", "--max-side", "4"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step")]
+    assert len(lines) == 2 and "x (column) exact" in lines[-1]
+
+
 def test_ridge_r2_scores_a_linear_target_high_and_noise_low():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(600, 8))
