@@ -39,7 +39,7 @@ from qvl.config import TextConfig
 from qvl.models.qwen2_vl import Qwen2Model, mrope_cos_sin
 
 TEXT, START, BACKGROUND, MARKED, END, QUESTION, COMMA, EOS = range(8)
-DIGIT0 = 8  # digits 0-9 are ids 8..17
+DIGIT0 = 8  # digits 0-9 are ids 8..17; the classes mode keeps its 8-row vocabulary (same init as session 6)
 VOCAB = DIGIT0 + 10
 CELL = 28  # pixels per merged token side (patch 14 x merge 2)
 
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     digits = a.answer == "digits"
     torch.manual_seed(a.seed)
     heads = a.hidden // 64
-    cfg = TextConfig(vocab_size=VOCAB, hidden_size=a.hidden, intermediate_size=a.hidden * 7 // 4,
+    cfg = TextConfig(vocab_size=VOCAB if digits else DIGIT0, hidden_size=a.hidden, intermediate_size=a.hidden * 7 // 4,
                      num_hidden_layers=a.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                      rope_theta=a.theta,
                      mrope_section=[int(x) for x in a.section.split(",")])
