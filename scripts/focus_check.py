@@ -30,25 +30,41 @@ PROBE_TASKS = ("color", "shape", "count", "ground")
 
 
 def focus_stage(base: S.Stage, tasks: list[str] | None, weighting: str, max_objects: int | None,
-                chunk_index: int) -> S.Stage:
-    """`base` restricted to `tasks` (None = its own mix), with fresh seeds for chunk `chunk_index`."""
+                chunk_index: int, scene: dict | None = None) -> S.Stage:
+    """`base` restricted to `tasks` (None = its own mix), with fresh seeds for chunk `chunk_index`;
+    `scene`: SceneConfig overrides (e.g. {"max_side": 224, "large_prob": 0.0} for small canvases)."""
     kw = dict(name="focus", weighting=weighting, seed_offset=base.seed_offset + 5_000_000 + chunk_index * 100_000)
     if tasks is not None:
         kw["mix"] = {t: 1.0 for t in tasks}
-    if max_objects:
-        kw["data"] = {**base.data, "scene": {**base.data.get("scene", {}), "max_objects": max_objects}}
+    overrides = {**(scene or {}), **({"max_objects": max_objects} if max_objects else {})}
+    if overrides:
+        kw["data"] = {**base.data, "scene": {**base.data.get("scene", {}), **overrides}}
     return replace(base, **kw)
 
 
-def probe(model_dir, generation: str, tasks, n: int, as_text: bool) -> dict:
-    """{task: {"score", "one_object": (sum, n), "top": [(reply, count), ...]}} on the first n held-out seeds."""
+def parse_overrides(text: str) -> dict:
+    """"max_side=224,large_prob=0" -> {"max_side": 224, "large_prob": 0.0} (numbers only)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"--scene: expected key=value, got {item!r}")
+        out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+    return out
+
+
+def probe(model_dir, generation: str, tasks, n: int, as_text: bool, scene: dict | None = None) -> dict:
+    """{task: {"score", "one_object": (sum, n), "top": [(reply, count), ...]}} on the first n held-out seeds
+    (`scene`: SceneConfig overrides, to probe on the distribution a chunk trained on)."""
     import qvl
     from qvl import eval as E
 
     reply = E.vlm_reply_fn(qvl.load(model_dir))
+    config = T.DataConfig()
+    config = replace(config, scene=replace(config.scene, **(scene or {})))
     out = {}
     for task in tasks:
-        samples = T.eval_samples(task, generation, n, render_media=not as_text)
+        samples = T.eval_samples(task, generation, n, config, render_media=not as_text)
         asked = [S.drill(s, s.seed) for s in samples] if as_text else samples
         replies = reply(asked)
         scores = [float(T.score(task, r, s.truth)) for r, s in zip(replies, samples)]
@@ -68,6 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-tasks", default=None, help="default: --tasks (or color,shape,count,ground)")
     ap.add_argument("--weighting", default="token", choices=["token", "answer", "sqrt"])
     ap.add_argument("--max-objects", type=int, default=None)
+    ap.add_argument("--scene", default="", help="SceneConfig overrides, e.g. max_side=224,large_prob=0")
+    ap.add_argument("--probe-scene", default="", help="SceneConfig overrides for the probe's scenes (default none)")
+    ap.add_argument("--probe-only", action="store_true", help="probe --init and stop")
     ap.add_argument("--chunk", type=int, default=1600, help="samples per chunk")
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--lr", type=float, default=None, help="default: the base stage's")
@@ -80,18 +99,21 @@ def main(argv=None) -> int:
     tasks = None if a.tasks == "all" else a.tasks.split(",")
     probe_tasks = a.probe_tasks.split(",") if a.probe_tasks else (tasks or list(PROBE_TASKS))
     as_text = base.source == "drills"
-    init, out = a.init, Path(a.out)
-    print(json.dumps({"chunk": 0, "samples": 0, "probe": probe(model_dir_of(init), a.generation, probe_tasks, a.n, as_text)}),
-          flush=True)
+    init, out, probe_scene = a.init, Path(a.out), parse_overrides(a.probe_scene)
+    print(json.dumps({"chunk": 0, "samples": 0, "probe": probe(model_dir_of(init), a.generation, probe_tasks, a.n, as_text,
+                                                               probe_scene)}), flush=True)
+    if a.probe_only:
+        return 0
     for k in range(1, a.chunks + 1):
         t0 = time.time()
-        stage = focus_stage(base, tasks, a.weighting, a.max_objects, k)
+        stage = focus_stage(base, tasks, a.weighting, a.max_objects, k, parse_overrides(a.scene))
         summary = train(stage, a.generation, out / f"c{k}", a.chunk, init=init, lr=a.lr, batch_size=a.batch,
                         quiet=True, seed=k, workers=0)
         init = out / f"c{k}"
         print(json.dumps({"chunk": k, "samples": k * a.chunk, "loss": round(summary["final_loss"], 3),
                           "seconds": round(time.time() - t0), "probe": probe(model_dir_of(init), a.generation,
-                                                                             probe_tasks, a.n, as_text)}), flush=True)
+                                                                             probe_tasks, a.n, as_text, probe_scene)}),
+              flush=True)
     return 0
 
 

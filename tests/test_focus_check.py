@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from qvl.train import stages as S
 from qvl.train import tiny
 
@@ -41,3 +43,15 @@ def test_a_tiny_focused_run_reports_each_chunk(tmp_path, tok_dir, capsys):
     assert [x["chunk"] for x in lines] == [0, 1]
     assert set(lines[1]["probe"]) == {"color"} and 0.0 <= lines[1]["probe"]["color"]["score"] <= 1.0
     assert (tmp_path / "run" / "c1" / "model" / "config.json").is_file()
+
+
+def test_scene_overrides_shrink_the_canvases_and_bad_ones_fail_in_one_line():
+    assert fc.parse_overrides("max_side=168,large_prob=0,min_objects=2") == \
+        {"max_side": 168, "large_prob": 0, "min_objects": 2}
+    stage = fc.focus_stage(S.get("stage2"), ["count"], "token", None, chunk_index=1,
+                           scene={"max_side": 168, "large_prob": 0.0})
+    for i in range(10):
+        s = S.sample_at(stage, "2.5", i)
+        assert max(s.scene.width, s.scene.height) <= 168
+    with pytest.raises(SystemExit, match="key=value"):
+        fc.parse_overrides("max_side")
