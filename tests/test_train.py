@@ -455,3 +455,47 @@ def test_recipe_rejects_malformed_variant_flags_in_one_line():
         out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", flag, value], capture_output=True, text=True)
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert says in out.stderr.strip().splitlines()[-1]
+
+
+def test_word_alignment_targets_the_decoders_colour_and_kind_embeddings(tok_dir):
+    """The dense word term: rows are the decoder's embeddings of " red" ... " cross" (looked up here through
+    the tokenizer), and the loss equals a cross-entropy recomputed by hand from cosine similarities."""
+    import math
+
+    from qvl.data.world import COLORS, KINDS
+
+    model, tok = micro_model("2.5", tok_dir)
+    head = DenseHead.for_model(model)
+    head.align_to_words(model, tok, 0.5)
+    table = model.model.embed_tokens.weight.detach()
+    for i, word in enumerate([*COLORS, *KINDS]):
+        (tid,) = tok.encode(" " + word)
+        assert torch.allclose(head.words[i], table[tid] / table[tid].norm(), atol=1e-6)
+    torch.manual_seed(0)
+    feats = torch.randn(5, table.shape[1])
+    cls = torch.tensor([0, 1, 2, 2 + 3 * len(KINDS) + 4, 2 + 7 * len(KINDS) + 1])  # background, text, 3 shapes
+    want = 0.0
+    for f, c in zip(feats[2:], cls[2:].tolist()):
+        colour, kind = (c - 2) // len(KINDS), (c - 2) % len(KINDS)
+        cos = [float(f @ table[tok.encode(" " + w)[0]] / (f.norm() * table[tok.encode(" " + w)[0]].norm()))
+               for w in [*COLORS, *KINDS]]
+        for logits, target in ((cos[:len(COLORS)], colour), (cos[len(COLORS):], kind)):
+            z = [x / 0.1 for x in logits]
+            want += (math.log(sum(math.exp(x) for x in z)) - z[target]) / 3
+    assert abs(float(head.word_loss(feats, cls)) - want) < 1e-4
+    # a token pointing along " yellow" + " star" scores better than one pointing along " red" + " circle"
+    good = table[tok.encode(" yellow")[0]] / table[tok.encode(" yellow")[0]].norm() + \
+        table[tok.encode(" star")[0]] / table[tok.encode(" star")[0]].norm()
+    bad = table[tok.encode(" red")[0]] / table[tok.encode(" red")[0]].norm() + \
+        table[tok.encode(" circle")[0]] / table[tok.encode(" circle")[0]].norm()
+    yellow_star = torch.tensor([2 + list(COLORS).index("yellow") * len(KINDS) + KINDS.index("star")])
+    assert head.word_loss(good[None], yellow_star) < head.word_loss(bad[None], yellow_star)
+
+
+def test_a_stage_with_word_alignment_logs_the_word_loss(tmp_path, tok_dir):
+    model, _ = micro_model("2.5", tok_dir)
+    tiny.save_model(model, tmp_path / "init", tok_dir)
+    stage = replace(S.get("vision-pretrain"), word_weight=1.0, data=SMALL_DATA)
+    summary = train(stage, "2.5", tmp_path / "run", 8, init=tmp_path / "init", batch_size=4, quiet=True, workers=0)
+    header = (tmp_path / "run" / "loss.csv").read_text().splitlines()[0].split(",")
+    assert "word_loss" in header and summary["steps"] == 2
