@@ -87,7 +87,6 @@ def main(argv=None) -> int:
     ap.add_argument("--scene", default="", help="SceneConfig overrides, e.g. max_side=224,large_prob=0")
     ap.add_argument("--probe-scene", default="", help="SceneConfig overrides for the probe's scenes (default none)")
     ap.add_argument("--probe-only", action="store_true", help="probe --init and stop")
-    ap.add_argument("--word-weight", type=float, default=None, help="Stage.word_weight (dense word alignment)")
     ap.add_argument("--chunk", type=int, default=1600, help="samples per chunk")
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--lr", type=float, default=None, help="default: the base stage's")
@@ -108,8 +107,6 @@ def main(argv=None) -> int:
     for k in range(1, a.chunks + 1):
         t0 = time.time()
         stage = focus_stage(base, tasks, a.weighting, a.max_objects, k, parse_overrides(a.scene))
-        if a.word_weight is not None:
-            stage = replace(stage, word_weight=a.word_weight)
         summary = train(stage, a.generation, out / f"c{k}", a.chunk, init=init, lr=a.lr, batch_size=a.batch,
                         quiet=True, seed=k, workers=0)
         init = out / f"c{k}"

@@ -36,7 +36,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from qvl.train import stages as S
 from qvl.train import tiny
-from qvl.data.world import COLORS, KINDS
 from qvl.train.batching import IGNORE, N_DENSE_CLASSES, N_LETTERS, Collator, embed_kwargs, to_device
 
 STATE_FILE = "state.pt"
@@ -63,36 +62,6 @@ class DenseHead(nn.Module):
         # query attends to all patches alike, so no query output is about one place and the ViT gets no
         # spatial signal. A 16 x 16 patch-level loss trains the ViT directly, as for gen 2/2.5.
         self.patch = DenseHead(patch_dim) if patch_dim else None
-        self.words: torch.Tensor | None = None  # [colours + kinds, hidden] unit rows: see `align_to_words`
-        self.word_weight = 0.0
-
-    def align_to_words(self, model: nn.Module, tokenizer, weight: float) -> None:
-        """Also ask each shape's vision tokens to *point along* the decoder's own embeddings of its colour
-        word and its kind word (" red", " circle"): cosine logits over the 8 colour words and over the 5 kind
-        words, cross-entropy on both. The dense class head above reads the tokens through a LayerNorm and a
-        trunk, so nothing ties its features to directions the decoder reads; session 9 measured that the
-        shipped decoders get nothing from the image for shape questions (scripts/image_use_check.py) while
-        a linear probe finds the shape in the tokens. The embeddings are a frozen copy (a target, like a
-        CLIP text tower's), taken from the decoder the stage starts from."""
-        table = model.transformer.wte if model.generation == "1" else model.model.embed_tokens
-        emb = table.weight.detach().float()
-        ids = []
-        for word in [*COLORS, *KINDS]:
-            piece = tokenizer.encode(" " + word)
-            if len(piece) != 1:
-                raise ValueError(f"word alignment needs one token per word; {word!r} is {len(piece)}")
-            ids.append(piece[0])
-        self.words = F.normalize(emb[ids].clone(), dim=-1)
-        self.word_weight = float(weight)
-
-    def word_loss(self, feats: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        """feats [N, H] (the decoder's input tokens, un-normalised); CE of cosine/0.1 logits on shape tokens."""
-        shape = cls > 1
-        if self.words is None or not shape.any():
-            return feats.sum() * 0.0
-        sim = F.normalize(feats[shape].float(), dim=-1) @ self.words.to(feats.device).T / 0.1  # [n, 8 + 5]
-        colour, kind = (cls[shape] - 2) // len(KINDS), (cls[shape] - 2) % len(KINDS)
-        return (F.cross_entropy(sim[:, :len(COLORS)], colour) + F.cross_entropy(sim[:, len(COLORS):], kind))
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "DenseHead":
@@ -102,7 +71,6 @@ class DenseHead(nn.Module):
         """feats [N, H] -> (loss, metrics). Letter loss only on text tokens, box loss only on object tokens."""
         h = self.trunk(feats.float())
         logits = self.cls(h)
-        word = self.word_loss(feats, cls) if self.words is not None else None
         # ~88 % of tokens are background: a plain mean over tokens is minimised by "background everywhere"
         # and the object classes crawl (measured: object accuracy 16 % after 40 steps overfitting one batch,
         # 64 % with this balance). So background and object tokens each get half of the class loss.
@@ -126,9 +94,6 @@ class DenseHead(nn.Module):
             loss = loss + 2.0 * F.l1_loss(torch.sigmoid(self.box(h[owned])), box[owned])
         else:
             loss = loss + 0.0 * self.box.weight.sum()
-        if word is not None:
-            loss = loss + self.word_weight * word
-            metrics["word_loss"] = word.detach()
         return loss, metrics
 
 
@@ -531,8 +496,6 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
             from safetensors.torch import load_file
 
             head.load_state_dict(load_file(str(head_file)))
-        if stage.word_weight > 0:
-            head.align_to_words(model, tok, stage.word_weight)
     ref = None
     if stage.loss == "dpo":
         ref = copy.deepcopy(model).eval()

@@ -45,7 +45,6 @@ class Stage:
     loss: str = "text"  # "text" | "assistant" | "dense" (vision only) | "dpo"
     weighting: str = "token"  # how the LM loss averages target tokens: "token" | "answer" | "sqrt" (batching.WEIGHTINGS)
     dense_weight: float = 0.0  # weight of the dense vision loss next to the LM loss
-    word_weight: float = 0.0  # dense loss: shape tokens point along the decoder's colour/kind word embeddings
     gen1_image_size: int | None = None  # Qwen-VL's fixed input size for this stage (None = the model's)
     lr: float = 1e-3
     vision_lr_scale: float = 1.0  # the notes: "a higher learning rate for the vision side" is a lever
