@@ -8,6 +8,11 @@ rest (find the named object first). docs/training_log.md (session 5) has the num
     python scripts/focus_check.py --init runs/recipe/gen2.5/stage2 --tasks shape --max-objects 1 --lr 3e-4 --out runs/shape1
     python scripts/focus_check.py --init runs/recipe/gen2.5/stage1 --tasks all --weighting answer --chunk 2000 --out runs/w_answer
     python scripts/focus_check.py --init runs/recipe/gen2.5/lm-pretrain --base lm-pretrain --tasks color,shape --out runs/text
+    # session 9: a fresh decoder learns to copy from text, then meets the pre-trained ViT in stage 1 (LLM frozen)
+    python scripts/focus_check.py --init runs/recipe/gen2.5/lm-pretrain --fresh --base lm-pretrain --tasks color \
+        --max-objects 1 --chunk 1600 --chunks 4 --lr 3e-4 --out runs/copy
+    python scripts/focus_check.py --init runs/copy/c4 --vision-from runs/recipe/gen2.5/vision-pretrain --base stage1 \
+        --tasks color --max-objects 1 --chunk 2000 --chunks 2 --out runs/align
 
 Each chunk is one `qvl.train` run of `--chunk` samples (its own warm-up and cosine schedule) started from the
 previous chunk's model, on samples no other chunk or stage sees. `--base lm-pretrain` probes with the scene
@@ -40,6 +45,33 @@ def focus_stage(base: S.Stage, tasks: list[str] | None, weighting: str, max_obje
     if overrides:
         kw["data"] = {**base.data, "scene": {**base.data.get("scene", {}), **overrides}}
     return replace(base, **kw)
+
+
+def starting_model(init, out: Path, generation: str, fresh: bool = False, vision_from=None, seed: int = 0) -> Path:
+    """The model the first chunk starts from, written to `out` (a stage-like directory): `init` itself, or a
+    fresh tiny model with `init`'s tokenizer (`fresh`), and/or with the vision tower (and dense head) of
+    `vision_from` put in place of its own -- the graft the recipe makes between lm-pretrain and vision-pretrain,
+    done by hand so a decoder trained on drills here can meet a pre-trained ViT (training log, session 9)."""
+    import shutil
+
+    from qvl.train import tiny
+    from qvl.train.loop import HEAD_FILE, model_dir_of
+
+    src = model_dir_of(init)
+    model = tiny.new_model(generation, tiny.load_tokenizer(generation, src), seed=seed) if fresh else tiny.load_model(src)
+    if vision_from is not None:
+        prefix = "transformer.visual." if generation == "1" else "visual."
+        donor = tiny.load_model(model_dir_of(vision_from)).state_dict()
+        own = model.state_dict()
+        shared = {k: donor[k] for k in own if k.startswith(prefix)}
+        if not shared or any(donor[k].shape != own[k].shape for k in shared):
+            raise SystemExit(f"--vision-from {vision_from}: its vision tower does not match the model's")
+        model.load_state_dict({**own, **shared})
+        if (Path(vision_from) / HEAD_FILE).exists():
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(vision_from) / HEAD_FILE, out / HEAD_FILE)
+    tiny.save_model(model, out / "model", src)
+    return out
 
 
 def parse_overrides(text: str) -> dict:
@@ -87,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scene", default="", help="SceneConfig overrides, e.g. max_side=224,large_prob=0")
     ap.add_argument("--probe-scene", default="", help="SceneConfig overrides for the probe's scenes (default none)")
     ap.add_argument("--probe-only", action="store_true", help="probe --init and stop")
+    ap.add_argument("--fresh", action="store_true", help="start from a fresh tiny model with --init's tokenizer")
+    ap.add_argument("--vision-from", default=None, help="stage or model directory whose ViT replaces the start's")
     ap.add_argument("--chunk", type=int, default=1600, help="samples per chunk")
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--lr", type=float, default=None, help="default: the base stage's")
@@ -100,6 +134,8 @@ def main(argv=None) -> int:
     probe_tasks = a.probe_tasks.split(",") if a.probe_tasks else (tasks or list(PROBE_TASKS))
     as_text = base.source == "drills"
     init, out, probe_scene = a.init, Path(a.out), parse_overrides(a.probe_scene)
+    if a.fresh or a.vision_from:
+        init = starting_model(init, out / "c0", a.generation, a.fresh, a.vision_from)
     print(json.dumps({"chunk": 0, "samples": 0, "probe": probe(model_dir_of(init), a.generation, probe_tasks, a.n, as_text,
                                                                probe_scene)}), flush=True)
     if a.probe_only:

@@ -8,11 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from qvl.train import stages as S
 from qvl.train import tiny
 
-from test_train import MICRO_DECODER, MICRO_VISION, tok_dir  # noqa: F401  (fixture)
+from test_train import MICRO_DECODER, MICRO_VISION, micro_model, tok_dir  # noqa: F401  (fixture)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "focus_check.py"
 spec = importlib.util.spec_from_file_location("focus_check", SCRIPT)
@@ -55,3 +56,29 @@ def test_scene_overrides_shrink_the_canvases_and_bad_ones_fail_in_one_line():
         assert max(s.scene.width, s.scene.height) <= 168
     with pytest.raises(SystemExit, match="key=value"):
         fc.parse_overrides("max_side")
+
+
+@pytest.mark.parametrize("generation", ["1", "2.5"])
+def test_the_start_can_take_another_models_vision_tower(tmp_path, tok_dir, generation):
+    decoder, _ = micro_model(generation, tok_dir, seed=0)
+    vision, _ = micro_model(generation, tok_dir, seed=1)
+    tiny.save_model(decoder, tmp_path / "dec", tok_dir)
+    tiny.save_model(vision, tmp_path / "vis", tok_dir)
+    start = fc.starting_model(tmp_path / "dec", tmp_path / "c0", generation, vision_from=tmp_path / "vis")
+    got = tiny.load_model(start / "model").state_dict()
+    prefix = "transformer.visual." if generation == "1" else "visual."
+    n_vision = 0
+    for k, v in got.items():
+        want = (vision if k.startswith(prefix) else decoder).state_dict()[k]
+        n_vision += k.startswith(prefix)
+        assert torch.equal(v, want), k
+    assert n_vision > 10
+
+
+def test_a_fresh_start_is_the_recipes_fresh_init(tmp_path, tok_dir):
+    trained, _ = micro_model("2.5", tok_dir, seed=3)
+    tiny.save_model(trained, tmp_path / "m", tok_dir)
+    start = fc.starting_model(tmp_path / "m", tmp_path / "c0", "2.5", fresh=True, seed=5)
+    got = tiny.load_model(start / "model").state_dict()
+    want = tiny.new_model("2.5", tiny.load_tokenizer("2.5", tok_dir), seed=5).state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
