@@ -60,13 +60,10 @@ def starting_model(init, out: Path, generation: str, fresh: bool = False, vision
     src = model_dir_of(init)
     model = tiny.new_model(generation, tiny.load_tokenizer(generation, src), seed=seed) if fresh else tiny.load_model(src)
     if vision_from is not None:
-        prefix = "transformer.visual." if generation == "1" else "visual."
-        donor = tiny.load_model(model_dir_of(vision_from)).state_dict()
-        own = model.state_dict()
-        shared = {k: donor[k] for k in own if k.startswith(prefix)}
-        if not shared or any(donor[k].shape != own[k].shape for k in shared):
-            raise SystemExit(f"--vision-from {vision_from}: its vision tower does not match the model's")
-        model.load_state_dict({**own, **shared})
+        try:
+            tiny.graft(model, tiny.load_model(model_dir_of(vision_from)), vision=True)
+        except ValueError as e:
+            raise SystemExit(f"--vision-from {vision_from}: {e}") from None
         if (Path(vision_from) / HEAD_FILE).exists():
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(vision_from) / HEAD_FILE, out / HEAD_FILE)
@@ -133,7 +130,8 @@ def main(argv=None) -> int:
     tasks = None if a.tasks == "all" else a.tasks.split(",")
     probe_tasks = a.probe_tasks.split(",") if a.probe_tasks else (tasks or list(PROBE_TASKS))
     as_text = base.source == "drills"
-    init, out, probe_scene = a.init, Path(a.out), parse_overrides(a.probe_scene)
+    init, out = a.init, Path(a.out)
+    scene, probe_scene = parse_overrides(a.scene), parse_overrides(a.probe_scene)
     if a.fresh or a.vision_from:
         init = starting_model(init, out / "c0", a.generation, a.fresh, a.vision_from)
     print(json.dumps({"chunk": 0, "samples": 0, "probe": probe(model_dir_of(init), a.generation, probe_tasks, a.n, as_text,
@@ -142,7 +140,7 @@ def main(argv=None) -> int:
         return 0
     for k in range(1, a.chunks + 1):
         t0 = time.time()
-        stage = focus_stage(base, tasks, a.weighting, a.max_objects, k, parse_overrides(a.scene))
+        stage = focus_stage(base, tasks, a.weighting, a.max_objects, k, scene)
         summary = train(stage, a.generation, out / f"c{k}", a.chunk, init=init, lr=a.lr, batch_size=a.batch,
                         quiet=True, seed=k, workers=0)
         init = out / f"c{k}"

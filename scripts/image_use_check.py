@@ -20,7 +20,7 @@ import torch
 
 from qvl.data import tasks as T
 from qvl.train import tiny
-from qvl.train.batching import Collator, embed_kwargs
+from qvl.train.batching import IGNORE, Collator, embed_kwargs
 from qvl.train.loop import labelled_lm_loss, model_dir_of
 
 
@@ -51,7 +51,7 @@ def answer_loss(model, collator: Collator, samples: list, batch_size: int = 8) -
     for i in range(0, len(samples), batch_size):
         batch = collator(samples[i:i + batch_size])
         embeds = model.embed(batch["input_ids"], **embed_kwargs(batch["vision"]))
-        n = int((batch["labels"] != -100).sum())
+        n = int((batch["labels"] != IGNORE).sum())
         total += float(labelled_lm_loss(model, embeds, batch["positions"], batch["labels"])) * n
         count += n
     return total / max(count, 1)

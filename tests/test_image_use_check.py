@@ -27,9 +27,9 @@ def _images(sample):
 
 
 def _texts(sample):
-    return [(m["role"], it.get("text") if isinstance(m["content"], list) else m["content"])
-            for m in sample.messages for it in (m["content"] if isinstance(m["content"], list) else [{}])
-            if not isinstance(m["content"], list) or it.get("type") == "text"]
+    """Each message with its image items left out."""
+    return [(m["role"], [it for it in m["content"] if it.get("type") != "image"] if isinstance(m["content"], list)
+             else m["content"]) for m in sample.messages]
 
 
 def test_swapped_samples_keep_the_text_and_take_the_next_image():

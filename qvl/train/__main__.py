@@ -80,11 +80,10 @@ def share_lm(generation: str, work: Path, sdir: Path, init: Path) -> dict | None
         return None
     model = tiny.load_model(model_dir_of(init))
     donor_dir = model_dir_of(donor)
-    weights = tiny.load_model(donor_dir).state_dict()
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
-    if set(own) - set(weights) or any(weights[k].shape != v.shape for k, v in own.items()):
-        raise ValueError(f"{donor}: its decoder does not match gen {generation}'s; cannot share the LM stand-in")
-    model.load_state_dict({k: weights[k] for k in own}, strict=False)
+    try:
+        tiny.graft(model, tiny.load_model(donor_dir), vision=False)
+    except ValueError:
+        raise ValueError(f"{donor}: its decoder does not match gen {generation}'s; cannot share the LM stand-in") from None
     tiny.save_model(model, sdir / "model", donor_dir)
     if (Path(init) / HEAD_FILE).exists():
         shutil.copy(Path(init) / HEAD_FILE, sdir / HEAD_FILE)

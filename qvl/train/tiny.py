@@ -238,3 +238,16 @@ def param_groups(model: nn.Module) -> dict[str, list[str]]:
 def count_params(model: nn.Module) -> dict[str, int]:
     params = dict(model.named_parameters())
     return {k: sum(params[n].numel() for n in v) for k, v in param_groups(model).items()}
+
+
+def graft(model: nn.Module, donor: nn.Module, vision: bool) -> None:
+    """Put `donor`'s vision tower (ViT + adapter; `vision=True`) or everything else (the decoder) in place of
+    `model`'s own, in place. Raises ValueError when the donor lacks a tensor or holds one of another shape."""
+    prefix = "transformer.visual." if model.generation == "1" else "visual."
+    own, theirs = model.state_dict(), donor.state_dict()
+    keys = [k for k in own if k.startswith(prefix) == vision]
+    bad = [k for k in keys if k not in theirs or theirs[k].shape != own[k].shape]
+    if not keys or bad:
+        part = "vision tower" if vision else "decoder"
+        raise ValueError(f"the donor's {part} does not match this model's ({', '.join(bad[:3]) or 'no tensors'})")
+    model.load_state_dict({**own, **{k: theirs[k] for k in keys}})
