@@ -1675,9 +1675,10 @@ NB03 = [
 
 The papers: **stage 1** aligns vision and language on image–caption pairs with the LLM frozen; **stage 2**
 unfreezes everything for multi-task pre-training at higher resolution; **stage 3** instruction-tunes with the
-vision encoder frozen. qvl-tiny (issue 5) follows that order in `qvl.train.stages`, after two short stages
-that build tiny stand-ins for the pre-trained parts the papers start from (Qwen-VL starts from Qwen-7B and
-OpenCLIP ViT-bigG; nothing here is pre-trained).
+vision encoder frozen. qvl-tiny (issue 5) follows that order in `qvl.train.stages`, after short stages that
+build tiny stand-ins for the pre-trained parts the papers start from (Qwen-VL starts from Qwen-7B and OpenCLIP
+ViT-bigG; nothing here is pre-trained): `vision-pretrain` for the ViT, and four text phases (`lm-colour`,
+`lm-shape`, `lm-box`, `lm-pretrain`) for the LLM, a model of its own that stage 1 joins to the ViT.
 
 This notebook
 
@@ -1738,7 +1739,7 @@ for g in GENS:
     trainable[g] = M
     del model
 
-fig, axes = plt.subplots(1, 3, figsize=(15, 3.6), sharey=True)
+fig, axes = plt.subplots(1, 3, figsize=(19, 3.8), sharey=True)
 for ax, g in zip(axes, GENS):
     M = trainable[g]
     ax.imshow(np.nan_to_num(M, nan=-0.3), cmap=plt.matplotlib.colors.ListedColormap(["#eeeeee", "#c8d3e0", "#4C72B0"]),
@@ -1770,8 +1771,9 @@ findings["stage 3 / rs-sft / dpo train"] = "adapter + LLM; ViT frozen (all 3 gen
 ("md", r'''
 ## 2. Every stage, live
 
-The same chain `python -m qvl.train recipe` runs, stage by stage, each starting from the previous stage's
-saved model (`init=`), here for gen 2.5 on a notebook-sized model and small canvases (`notebook_sized` only
+The same chains `python -m qvl.train recipe` runs: the text phases from a fresh decoder, each from the one
+before; vision-pretrain from a fresh model; stage 1 from the two joined (`loop.join`: vision-pretrain's model
+with the last text phase's decoder); every later stage from the one before (`init=`). Here for gen 2.5 on a notebook-sized model and small canvases (`notebook_sized` only
 shrinks the canvases; parts, losses and mixes are the stages' own). The recipe's budgets are thousands of
 samples per stage (above); here each stage gets a few steps, so the curves show the *mechanics* — the loss
 each stage optimises and that it starts to fall — not a trained model. `rs-sft` and `dpo` need records made
@@ -1779,24 +1781,33 @@ by an SFT model: notebook 06.
 '''),
 ("code", r'''
 STEPS, BATCH = (4, 4) if FAST else (24, 8)
-live = ORDER[:5]                       # vision-pretrain, lm-pretrain, stage1, stage2, stage3
-runs, prev = {}, fresh_model_dir("2.5")
+from qvl.train.loop import join
+live = [n for n in ORDER if STAGES[n].source != "records"]   # all but rs-sft and dpo (notebook 06)
+fresh = fresh_model_dir("2.5")
+runs, prev, lm = {}, fresh, fresh      # the vision / main chain and the text chain
 import time
 for name in live:
     t0 = time.time()
     out = WORK / "run-2.5" / name
-    summary = train(notebook_sized(STAGES[name]), "2.5", out, samples=STEPS * BATCH, init=prev, batch_size=BATCH,
+    text = STAGES[name].source == "drills"
+    init = lm if text else prev
+    if name == "stage1":                # the join: the ViT of one chain, the decoder of the other
+        init = join(prev, lm, WORK / "run-2.5" / "stage1-start")
+    summary = train(notebook_sized(STAGES[name]), "2.5", out, samples=STEPS * BATCH, init=init, batch_size=BATCH,
                     workers=0, quiet=True)
-    runs[name] = {"dir": out, "summary": summary, "init": prev}
+    runs[name] = {"dir": out, "summary": summary, "init": init}
     print(f"{name:16} {summary['steps']} steps x {BATCH}: final loss {summary['final_loss']:.3f}  "
           f"trainable {summary['trainable']}  ({time.time() - t0:.1f} s)")
-    prev = out
+    if text:
+        lm = out
+    else:
+        prev = out
 '''),
 ("code", r'''
 %matplotlib inline
 import csv
-fig, axes = plt.subplots(1, len(live), figsize=(16, 2.8))
-for ax, name in zip(axes, live):
+fig, axes = plt.subplots(2, 4, figsize=(16, 5.6))
+for ax, name in zip(axes.flat, live):
     rows = list(csv.DictReader(open(runs[name]["dir"] / "loss.csv")))
     x = [int(r["samples"]) for r in rows]
     ax.plot(x, [float(r["loss"]) for r in rows], "o-", ms=3, label="total")
@@ -1806,7 +1817,8 @@ for ax, name in zip(axes, live):
         ax.legend(fontsize=7)
     ax.set_title(f"{name}\n({STAGES[name].loss} loss, trains {'+'.join(STAGES[name].train)})", fontsize=8)
     ax.set_xlabel("samples", fontsize=8)
-axes[0].set_ylabel("loss")
+for ax in axes[:, 0]:
+    ax.set_ylabel("loss")
 plt.tight_layout(); plt.show()
 '''),
 ("md", r'''
@@ -1832,28 +1844,30 @@ quoted in the closing table; qvl-tiny's budgets (`BUDGETS`) are in samples.
 '''),
 ("code", r'''
 N = 48 if FAST else 200
-mix_stages = ["vision-pretrain", "lm-pretrain", "stage1", "stage2", "stage3"]
+mix_stages = ["vision-pretrain", "lm-colour", "lm-shape", "lm-box", "lm-pretrain", "stage1", "stage2", "stage3"]
 counts, turns = {}, {}
 for name in mix_stages:
     ss = S.first_samples(STAGES[name], "2.5", N)
     counts[name] = {t: sum(s.task == t for s in ss) / N for t in TASKS}
     turns[name] = np.mean([len(s.qas) for s in ss])
-fig, ax = plt.subplots(figsize=(10, 3.2))
+fig, ax = plt.subplots(figsize=(10, 5))
 left = np.zeros(len(mix_stages))
 cmap = plt.get_cmap("tab10")
 for k, t in enumerate(TASKS):
     v = np.array([counts[n][t] for n in mix_stages])
     ax.barh(range(len(mix_stages)), v, left=left, color=cmap(k), label=t, edgecolor="white")
     left += v
-ax.set_yticks(range(len(mix_stages)), [f"{n}\n{STAGES[n].data_config().max_pixels // 784} tok/img max, {turns[n]:.1f} turns" for n in mix_stages], fontsize=8)
+res = {n: "text only" if STAGES[n].source == "drills" else f"{STAGES[n].data_config().max_pixels // 784} tok/img max" for n in mix_stages}
+ax.set_yticks(range(len(mix_stages)), [f"{n}\n{res[n]}, {turns[n]:.1f} turns" for n in mix_stages], fontsize=8)
 ax.invert_yaxis(); ax.set_xlabel(f"share of the first {N} samples (gen 2.5)")
 ax.legend(ncol=5, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False)
 plt.tight_layout(); plt.show()
-assert counts["stage1"]["caption"] == 1.0
+assert counts["stage1"]["caption"] < 0.5 and counts["lm-colour"]["color"] == 1.0
 assert STAGES["stage1"].data_config().max_pixels < STAGES["stage2"].data_config().max_pixels
 assert STAGES["stage1"].gen1_image_size == 112 and tiny.GEN1_IMAGE_SIZE == 224
 assert turns["stage3"] > 1 and turns["stage2"] == 1
-findings["stage 1 data"] = f"captions only, <= {STAGES['stage1'].data_config().max_pixels // 784} tokens/image (gen 1: 112 px)"
+findings["stage 1 data"] = (f"captions {counts['stage1']['caption']:.0%}, colour/shape/box questions the rest, "
+                            f"<= {STAGES['stage1'].data_config().max_pixels // 784} tokens/image (gen 1: 112 px)")
 findings["stage 2 data"] = f"all {len(task_weights('2.5'))} tasks incl. video, <= {STAGES['stage2'].data_config().max_pixels // 784} tokens/image (gen 1: 224 px)"
 findings["stage 3 data"] = f"chat, {turns['stage3']:.1f} turns on average, loss on assistant tokens only"
 '''),
@@ -1862,7 +1876,7 @@ findings["stage 3 data"] = f"chat, {turns['stage3']:.1f} turns on average, loss 
 
 | The guide says | The code shows |
 |---|---|
-| Stage 1: LLM frozen, ViT + adapter trained, on image–caption pairs | **Right** (and so in qvl-tiny): stage 1 trains ViT + adapter, the decoder, embedding and LM head are frozen in all three generations; its data is captions only, at ≤ 128 tokens per image (gen 1 at 112 px, half its 224 px). |
+| Stage 1: LLM frozen, ViT + adapter trained, on image–caption pairs | **Right** for what trains: stage 1 trains ViT + adapter; the decoder, embedding and LM head are frozen in all three generations. Its data, at ≤ 128 tokens per image (gen 1 at 112 px, half its 224 px), is captions *and* short colour / shape / box questions, half of them on one-shape images — a qvl-tiny choice, not the papers': with a decoder that copies from text, one-shape colour questions aligned the ViT to it in 125 steps (`docs/training_log.md`, session 9), while 250 steps of captions for the old stand-in aligned nothing. |
 | Stage 2: all parameters unfrozen, multi-task data, resolution raised to 448×448 | **Right for the unfreezing and the tasks:** stage 2 trains everything on all tasks (plus video for gen 2/2.5). Resolution: gen 1 goes from half size to its full fixed size (the paper's 224 → 448); gen 2/2.5 go from ≤ 128 to ≤ 640 tokens per image. |
 | Stage 2 "removes window attention" | **Not in these models.** Qwen-VL's ViT has no window attention in any stage (qvl's gen-1 blocks are all full attention, notebook 01); Qwen2.5-VL *has* window attention and keeps it. |
 | Stage 3 (SFT): ViT frozen, LLM + adapter tuned | **Right**, and the post-training stages (rs-sft, DPO) keep the ViT frozen too. Loss on assistant tokens only; conversations are multi-turn. |

@@ -53,7 +53,7 @@ def fixed_batch(stage, generation, model, tok, n=3):
 # Stages: gradients reach exactly the trained parts; loss falls when overfitting one batch
 # --------------------------------------------------------------------------------------------------
 
-CASES = [("vision-pretrain", "2.5"), ("vision-pretrain", "1"), ("lm-pretrain", "2.5"), ("stage1", "2.5"), ("stage2", "2.5"),
+CASES = [("vision-pretrain", "2.5"), ("vision-pretrain", "1"), ("lm-colour", "2.5"), ("lm-pretrain", "2.5"), ("stage1", "2.5"), ("stage2", "2.5"),
          ("stage3", "2.5"), ("stage2", "2"), ("stage1", "1"), ("stage3", "1")]
 
 
@@ -357,29 +357,78 @@ def test_cli_help_lists_stages():
     assert "vision-pretrain" in out.stdout and "--resume" in out.stdout
 
 
-def test_gen2_shares_the_gen2_5_lm_stand_in_and_keeps_its_own_vision(tok_dir, tmp_path):
-    """recipe: gen 2's lm-pretrain = gen 2.5's decoder (same config, same tokenizer) + gen 2's own ViT."""
-    import json
+def test_join_puts_the_lm_stand_ins_decoder_on_the_vision_stand_in(tok_dir, tmp_path):
+    """Where stage 1 starts: every vision tensor from the vision stand-in, every other tensor from the LM
+    stand-in (gen 2's ViT with gen 2.5's decoder: same decoder config and tokenizer), the dense head kept."""
+    from qvl.train.loop import HEAD_FILE, join
 
-    from qvl.train.__main__ import share_lm
-
-    work = tmp_path / "work"
-    donor, _ = micro_model("2.5", tok_dir, seed=1)
-    own, _ = micro_model("2", tok_dir, seed=2)
-    assert share_lm("2", work, work / "gen2" / "lm-pretrain", tmp_path / "init") is None  # no donor yet
-    tiny.save_model(donor, work / "gen2.5" / "lm-pretrain" / "model", tok_dir)
-    (work / "gen2.5" / "lm-pretrain" / "summary.json").write_text(json.dumps({"stage": "lm-pretrain", "samples": 7}))
-    tiny.save_model(own, tmp_path / "init" / "model", tok_dir)
-    summary = share_lm("2", work, work / "gen2" / "lm-pretrain", tmp_path / "init")
-    assert summary["samples"] == 7 and summary["generation"] == "2"
-    shared = tiny.load_model(work / "gen2" / "lm-pretrain" / "model")
-    assert shared.generation == "2"
-    got, d, o = shared.state_dict(), donor.state_dict(), own.state_dict()
+    vision, _ = micro_model("2", tok_dir, seed=2)
+    lm, _ = micro_model("2.5", tok_dir, seed=1)
+    tiny.save_model(vision, tmp_path / "vp" / "model", tok_dir)
+    (tmp_path / "vp" / HEAD_FILE).write_bytes(b"head bytes")
+    tiny.save_model(lm, tmp_path / "lm" / "model", tok_dir)
+    out = join(tmp_path / "vp", tmp_path / "lm", tmp_path / "start")
+    joined = tiny.load_model(out / "model")
+    assert joined.generation == "2"
+    got, v, d = joined.state_dict(), vision.state_dict(), lm.state_dict()
+    assert any(k.startswith("visual.") for k in got) and any(not k.startswith("visual.") for k in got)
     for k in got:
-        want = o[k] if k.startswith("visual.") else d[k]
-        assert torch.equal(got[k], want), k
-    # gen 1 has its own tokenizer and decoder: nothing to share
-    assert share_lm("1", work, work / "gen1" / "lm-pretrain", tmp_path / "init") is None
+        assert torch.equal(got[k], v[k] if k.startswith("visual.") else d[k]), k
+    assert (out / HEAD_FILE).read_bytes() == b"head bytes"
+    # gen 1's decoder (its own tokenizer and layout) does not fit gen 2's model: one clear error
+    tiny.save_model(micro_model("1", tok_dir)[0], tmp_path / "lm1" / "model", tok_dir)
+    with pytest.raises(ValueError, match="cannot join it to"):
+        join(tmp_path / "vp", tmp_path / "lm1", tmp_path / "bad")
+
+
+def test_recipe_chains_text_phases_from_a_fresh_decoder_and_joins_them_at_stage1(tok_dir, tmp_path, monkeypatch):
+    """The recipe's wiring, with each stage's training replaced by a copy of its start: the text phases start
+    fresh and chain among themselves, stage 1 starts from vision-pretrain + the last text phase's decoder,
+    later stages from the one before; gen 2 trains no text phase and takes gen 2.5's LM stand-in."""
+    import json
+    import shutil
+
+    from qvl.train import __main__ as R
+    from qvl.train import loop
+
+    calls = []
+
+    def fake_train(stage, generation, out, samples, *, init=None, **kw):
+        calls.append((generation, stage.name, None if init is None else Path(init)))
+        if init is None:
+            model, src = micro_model(generation, tok_dir, seed=len(calls))[0], tok_dir
+        else:
+            src = loop.model_dir_of(init)
+            model = tiny.load_model(src)
+        tiny.save_model(model, Path(out) / "model", src)
+        summary = {"stage": stage.name, "samples": samples}
+        (Path(out) / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    work, out = tmp_path / "work", tmp_path / "out"
+    shutil.copytree(tok_dir, work / "tokenizer")
+    for g in ("2.5", "2"):
+        R.run_recipe(g, out, work, scale=0.001, eval_n=1, dpo_eval_n=0, probe_n=0)
+    started = {(g, name): init for g, name, init in calls}
+    text = [n for n in S.ORDER if S.get(n).source == "drills"]
+    assert text[-1] == "lm-pretrain" and len(text) > 1
+    g25 = work / "gen2.5"
+    assert started["2.5", text[0]] is None and started["2.5", "vision-pretrain"] is None
+    for before, name in zip(text, text[1:]):
+        assert started["2.5", name] == g25 / before
+    assert started["2.5", "stage1"] == g25 / "stage1" / "start"
+    assert started["2.5", "stage2"] == g25 / "stage1"
+    assert not [n for g, n, _ in calls if g == "2" and n in text]  # gen 2 shares the text phases
+    for g, vision_dir in (("2.5", g25 / "vision-pretrain"), ("2", work / "gen2" / "vision-pretrain")):
+        start = tiny.load_model(work / f"gen{g}" / "stage1" / "start" / "model").state_dict()
+        v, d = tiny.load_model(vision_dir / "model").state_dict(), tiny.load_model(g25 / "lm-pretrain" / "model").state_dict()
+        for k in start:
+            assert torch.equal(start[k], v[k] if k.startswith("visual.") else d[k]), (g, k)
+    assert (out / "qvl-tiny-2" / "config.json").exists()
+    assert json.loads((work / "gen2" / "report.json").read_text())["stages"]["lm-pretrain"]["shared_from"] == str(
+        g25 / "lm-pretrain")
+    assert R.shared_lm("1", work) is None and R.shared_lm("2", work) == g25 / "lm-pretrain"
 
 
 def test_lm_pretrain_probe_asks_the_held_out_questions_as_text(tok_dir, tmp_path):

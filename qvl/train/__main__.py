@@ -60,43 +60,26 @@ def stage_main(argv) -> int:
 
 
 PROBE_TASKS = ("color", "shape", "count", "ground")
-TEXT_PROBE_TASKS = ("color", "shape", "count", "ground", "ocr")  # lm-pretrain: the scene given as text
+TEXT_PROBE_TASKS = ("color", "shape", "count", "ground", "ocr")  # the text phases: the scene given as text
 
 # Gen 2 and gen 2.5 have the same tiny decoder and tokenizer (qvl.train.tiny), so in a recipe that trains both
 # they share one LM stand-in, as Qwen2-VL and Qwen2.5-VL each start from their own release of the same LLM
 # family: the ablation between them then differs only in the vision side and the positions, and the second
-# one does not pay for the text-only stage again.
+# one does not pay for the text phases again.
 SHARED_LM = {"2": "2.5"}
 
 
-def share_lm(generation: str, work: Path, sdir: Path, init: Path) -> dict | None:
-    """Build gen `generation`'s lm-pretrain stage from its own vision-pretrain model (`init`) and the
-    decoder of the generation it shares the LM with, if that one's lm-pretrain has finished -> summary."""
-    from qvl.train import tiny
-    from qvl.train.loop import HEAD_FILE, model_dir_of
-
-    donor = work / f"gen{SHARED_LM.get(generation, '-')}" / "lm-pretrain"
-    if not (donor / "summary.json").exists():
-        return None
-    model = tiny.load_model(model_dir_of(init))
-    donor_dir = model_dir_of(donor)
-    try:
-        tiny.graft(model, tiny.load_model(donor_dir), vision=False)
-    except ValueError:
-        raise ValueError(f"{donor}: its decoder does not match gen {generation}'s; cannot share the LM stand-in") from None
-    tiny.save_model(model, sdir / "model", donor_dir)
-    if (Path(init) / HEAD_FILE).exists():
-        shutil.copy(Path(init) / HEAD_FILE, sdir / HEAD_FILE)
-    summary = {**json.loads((donor / "summary.json").read_text()), "generation": generation,
-               "shared_from": str(donor)}
-    (sdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"gen {generation} lm-pretrain: decoder shared from {donor}", flush=True)
-    return summary
+def shared_lm(generation: str, work: Path) -> Path | None:
+    """The finished LM stand-in (its last text phase's directory) that gen `generation` takes from the
+    generation it shares the LM with, or None (none shared, or that one's text phases have not finished)."""
+    last = [n for n in S.ORDER if S.get(n).source == "drills"][-1]
+    donor = work / f"gen{SHARED_LM.get(generation, '-')}" / last
+    return donor if (donor / "summary.json").exists() else None
 
 
 def probe(stage_dir: Path, generation: str, n: int, device=None) -> dict:
     """A small held-out check after a stage (PROBE_TASKS, n each) -> {task: score}, kept in
-    STAGE/probe.json: where along the recipe the model starts to use the image. After lm-pretrain the same
+    STAGE/probe.json: where along the recipe the model starts to use the image. After each text phase the same
     questions come with the scene written as text (TEXT_PROBE_TASKS): whether the LM stand-in can look
     an object up and copy its box or word before any image is involved."""
     from qvl import eval as E
@@ -128,7 +111,7 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
 
     from qvl import eval as E
     from qvl.train import dpo, tiny
-    from qvl.train.loop import model_dir_of, train
+    from qvl.train.loop import join, model_dir_of, train
 
     main = not dist.is_initialized() or dist.get_rank() == 0
     tok_dir = tiny.build_tokenizers(work / "tokenizer") if main else work / "tokenizer"
@@ -139,10 +122,19 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
     if decoder or stage_overrides:
         report["variant"] = {"decoder": decoder or {}, "stages": stage_overrides or {}}
     stage_overrides = stage_overrides or {}
-    prev = None
     budget = {k: max(1, int(v * scale)) for k, v in S.BUDGETS.items()}
+    # Two chains, as in the papers: the vision stand-in (vision-pretrain) and the LM stand-in (the text
+    # phases, from a fresh decoder), joined where stage 1 starts (loop.join); then one chain to the end.
+    prev = None  # the last stage of the vision / main chain
+    lm = None  # the LM stand-in's last text phase, until the join
+    donor = shared_lm(generation, work)
     for name in S.ORDER:
         sdir = gdir / name
+        text = S.get(name).source == "drills"
+        if text and donor is not None:
+            report["stages"][name] = {"shared_from": str(donor.parent / name)}
+            lm = donor
+            continue
         records = None
         if name in ("rs-sft", "dpo"):
             rec_file = gdir / ("accepted.jsonl" if name == "rs-sft" else "pairs.jsonl")
@@ -169,23 +161,30 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
             if not records:  # nothing accepted / no pairs: the stage has no data, keep the previous model
                 report["stages"][name] = {"skipped": "no records"}
                 continue
-        if name == "lm-pretrain" and main and not (sdir / "summary.json").exists():
-            sdir.mkdir(parents=True, exist_ok=True)
-            share_lm(generation, work, sdir, prev)
-        if dist.is_initialized():
-            dist.barrier()
+        init = lm if text else prev
+        if not text and lm is not None:  # the first stage after the text phases starts from the joined model
+            init = sdir / "start"
+            if main and not (sdir / "summary.json").exists():
+                join(prev, lm, init)
+                print(f"gen {generation} {name}: starts from {prev} with the decoder of {lm}", flush=True)
+            if dist.is_initialized():
+                dist.barrier()
+            lm = None
         if (sdir / "summary.json").exists():
             report["stages"][name] = json.loads((sdir / "summary.json").read_text())
         else:
             if name == "dpo" and main and dpo_eval_n:
                 report["dpo_before"] = E.evaluate_dir(model_dir_of(prev), dpo_eval_n, device=device)[0]
             stage = replace(S.get(name), **stage_overrides.get(name, {}))
-            report["stages"][name] = train(stage, generation, sdir, budget[name], init=prev, tokenizer=tok_dir,
+            report["stages"][name] = train(stage, generation, sdir, budget[name], init=init, tokenizer=tok_dir,
                                            resume=True, device=device, workers=workers, seed=seed, fsdp=fsdp,
                                            records=records, decoder=decoder)
         if main and probe_n and S.get(name).lm:
             report["stages"][name]["probe"] = probe(sdir, generation, probe_n, device)
-        prev = sdir
+        if text:
+            lm = sdir
+        else:
+            prev = sdir
     if main:
         final = model_dir_of(prev)
         results, cost, _ = E.evaluate_dir(final, eval_n, device=device)

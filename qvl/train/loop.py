@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -363,6 +364,23 @@ def model_dir_of(path) -> Path:
     return path / "model" if (path / "model" / "config.json").exists() else path
 
 
+def join(vision_stage, lm_stage, out) -> Path:
+    """Where stage 1 starts: the vision stand-in (a stage directory) with the LM stand-in's decoder put in its
+    place -- the papers' "initialised from the pre-trained LLM and the pre-trained ViT" (reference §8) --
+    written to OUT as a stage-like directory (model/ and the vision stage's dense head) -> OUT."""
+    out = Path(out)
+    model = tiny.load_model(model_dir_of(vision_stage))
+    lm_dir = model_dir_of(lm_stage)
+    try:
+        tiny.graft(model, tiny.load_model(lm_dir), vision=False)
+    except ValueError as e:
+        raise ValueError(f"{lm_stage}: cannot join it to {vision_stage}: {e}") from None
+    tiny.save_model(model, out / "model", lm_dir)
+    if (Path(vision_stage) / HEAD_FILE).exists():
+        shutil.copy(Path(vision_stage) / HEAD_FILE, out / HEAD_FILE)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoints, logs, progress
 # --------------------------------------------------------------------------------------------------
@@ -615,8 +633,6 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
 
             save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_FILE))
         elif init is not None and (Path(init) / HEAD_FILE).exists():  # carry the head on to later stages
-            import shutil
-
             shutil.copy(Path(init) / HEAD_FILE, out / HEAD_FILE)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if d.world > 1:

@@ -1,16 +1,22 @@
 """The stages of the qvl-tiny recipe: what each trains, on what data, at what resolution, with which loss.
 
 The papers never train a VLM from scratch: Qwen-VL starts from Qwen-7B and OpenCLIP ViT-bigG, Qwen2-VL from
-Qwen2 and a DFN ViT (§8). The first two stages build tiny stand-ins for those pre-trained parts; the rest
+Qwen2 and a DFN ViT (§8). The first stages build tiny stand-ins for those pre-trained parts; the rest
 follow the papers' order (reference §8.1-8.3, `tiny_training_notes.md` for why the stand-ins matter):
 
   vision-pretrain  ViT + adapter, dense per-token targets from the scene (class / letter / box), no decoder.
                    The measured lever: the prototypes' dense pre-training lifted colour 45 -> 64 %, count -> 71 %.
-  lm-pretrain      decoder only, text: the scene *written as text* then questions about it, so the decoder
-                   learns to look an object up and copy its colour/box/word before it ever sees an image
-                   (the untested lever the notes rank first).
-  stage1           alignment: captions at low resolution, LLM frozen, ViT + adapter trained (Qwen-VL stage 1:
-                   224 px, "LLM frozen"; Qwen2-VL stage 1 trains the ViT only).
+  lm-colour        the LM stand-in, a model of its own (as Qwen-7B is to Qwen-VL): a fresh decoder on text
+  lm-shape         only -- the scene *written as text* then questions about it -- in focused phases, one skill
+  lm-box           each on scenes with one shape (copy its colour, its kind, its box), the earlier ones replayed,
+  lm-pretrain      then every drill on full scenes (look an object up among several). All at lr 3e-4: at the
+                   old 2e-3 the decoder copied nothing in 400 steps, at 3e-4 it copies colours after 400, and
+                   mixed from the start no copy forms at all (docs/training_log.md, session 9).
+  stage1           alignment: the vision stand-in's model with the LM stand-in's decoder put in (`loop.join`),
+                   LLM frozen, ViT + adapter trained at low resolution (Qwen-VL stage 1: 224 px, "LLM frozen";
+                   Qwen2-VL's trains the ViT only) on captions and -- qvl-tiny's choice -- short colour, shape
+                   and box questions, half on one-shape images: with a decoder that copies from text, such
+                   questions aligned colour in 125 steps (session 9).
   stage2           multi-task pre-training: everything trained, all tasks, native resolution (gen 1: its fixed
                    size), videos for gen 2/2.5; a small dense auxiliary loss keeps the vision features from
                    washing out (another of the notes' levers).
@@ -19,6 +25,7 @@ follow the papers' order (reference §8.1-8.3, `tiny_training_notes.md` for why 
   rs-sft           SFT on rejection-sampled answers: only answers the model got right (see qvl.train.dpo).
   dpo              preference optimisation against a frozen reference (Qwen2.5-VL post-training).
 
+The text phases chain among themselves and the rest after vision-pretrain; stage 1 joins the two.
 Sample budgets live in `BUDGETS`, one place; seeds are fixed: stage k reads train seeds from its own
 offset (`Stage.seed_offset`), so stages never see the same scene twice and eval seeds are never touched.
 """
@@ -91,16 +98,28 @@ MID_RES = 256 * 28 * 28
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("vision-pretrain", train=("vision", "adapter"), loss="dense", mix=IMAGE_MIX, lr=2e-3,
           data=dict(max_pixels=256 * 28 * 28), seed_offset=10_000_000, batch_size=16),
-    Stage("lm-pretrain", train=("llm",), source="drills", loss="assistant", mix=DRILL_MIX, lr=2e-3,
-          data=dict(max_turns=3), seed_offset=20_000_000, batch_size=16),
-    # Stage 1 scores the caption only: with `text` 26 of 44 labelled tokens per row were the chat template
-    # and question, which a frozen LLM predicts or not regardless of the image (docs/training_log.md).
-    Stage("stage1", train=("vision", "adapter"), mix={"caption": 1.0}, lr=1e-3, loss="assistant",
+    # The LM stand-in's phases: one-object scenes first (nothing to look up, only the copy to learn), each
+    # phase replaying the ones before; seeds of each phase from its own block.
+    Stage("lm-colour", train=("llm",), source="drills", loss="assistant", mix={"color": 1.0}, lr=3e-4,
+          data=dict(max_turns=3, scene=dict(max_objects=1)), seed_offset=20_000_000, batch_size=16),
+    Stage("lm-shape", train=("llm",), source="drills", loss="assistant", mix={"shape": 1.0, "color": 0.25},
+          lr=3e-4, data=dict(max_turns=3, scene=dict(max_objects=1)), seed_offset=21_000_000, batch_size=16),
+    Stage("lm-box", train=("llm",), source="drills", loss="assistant",
+          mix={"ground": 1.0, "color": 0.25, "shape": 0.25}, lr=3e-4,
+          data=dict(max_turns=3, scene=dict(max_objects=1)), seed_offset=22_000_000, batch_size=16),
+    Stage("lm-pretrain", train=("llm",), source="drills", loss="assistant", mix=DRILL_MIX, lr=3e-4,
+          data=dict(max_turns=3), seed_offset=23_000_000, batch_size=16),
+    # Stage 1 scores the answers only: with `text` 26 of 44 labelled tokens per row were the chat template
+    # and question, which a frozen LLM predicts or not regardless of the image (docs/training_log.md). Half
+    # its samples show one shape, so a colour or kind word has one place in the image to come from.
+    Stage("stage1", train=("vision", "adapter"), mix={"caption": 0.5, "color": 1.0, "shape": 1.0, "ground": 0.5},
+          lr=1e-3, loss="assistant", objects=((0.5, 1),),
           data=dict(max_pixels=LOW_RES, scene=dict(max_objects=3, large_prob=0.0)), gen1_image_size=112,
           seed_offset=30_000_000, batch_size=16),
     # Stage 2 scores the answers only for the same reason: its `text` loss fell to 0.39 on template tokens
     # while the answers stayed priors (session-1 run).
-    Stage("stage2", train=("vision", "adapter", "llm"), mix=None, lr=1e-3, loss="assistant", dense_weight=0.2,
+    # lr 3e-4: the decoder's copies survive it (session 9: colour 55-58 % after 4 000 samples)
+    Stage("stage2", train=("vision", "adapter", "llm"), mix=None, lr=3e-4, loss="assistant", dense_weight=0.2,
           data=dict(max_pixels=MID_RES), seed_offset=40_000_000, batch_size=16),
     Stage("stage3", train=("adapter", "llm"), mix=None, lr=2e-4, loss="assistant", data=dict(max_turns=3),
           seed_offset=50_000_000, batch_size=16),
@@ -109,12 +128,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("dpo", train=("adapter", "llm"), source="records", loss="dpo", lr=2e-5, beta=0.1, warmup=0.1,
           seed_offset=70_000_000, batch_size=8, weight_decay=0.0),
 )}
-ORDER = ("vision-pretrain", "lm-pretrain", "stage1", "stage2", "stage3", "rs-sft", "dpo")
+ORDER = ("vision-pretrain", "lm-colour", "lm-shape", "lm-box", "lm-pretrain", "stage1", "stage2", "stage3", "rs-sft", "dpo")
 
 # Samples per stage for `python -m qvl.train recipe` (multiplied by --scale). "rejection" = questions the
 # stage-3 model answers; "rs-sft" trains on the accepted ones (epochs over them, capped by this number);
 # "dpo" = preference pairs seen.
-BUDGETS = {"vision-pretrain": 12_000, "lm-pretrain": 12_000, "stage1": 4_000, "stage2": 24_000,
+BUDGETS = {"vision-pretrain": 12_000, "lm-colour": 6_400, "lm-shape": 3_200, "lm-box": 6_400,
+           "lm-pretrain": 12_000, "stage1": 6_000, "stage2": 24_000,
            "stage3": 4_000, "rejection": 1_000, "rs-sft": 2_000, "dpo": 1_000}
 
 
