@@ -8,10 +8,11 @@ follow the papers' order (reference §8.1-8.3, `tiny_training_notes.md` for why 
                    The measured lever: the prototypes' dense pre-training lifted colour 45 -> 64 %, count -> 71 %.
   lm-colour        the LM stand-in, a model of its own (as Qwen-7B is to Qwen-VL): a fresh decoder on text
   lm-shape         only -- the scene *written as text* then questions about it -- in focused phases, one skill
-  lm-box           each on scenes with one shape (copy its colour, its kind, its box), the earlier ones replayed,
-  lm-pretrain      then every drill on full scenes (look an object up among several). All at lr 3e-4: at the
-                   old 2e-3 the decoder copied nothing in 400 steps, at 3e-4 it copies colours after 400, and
-                   mixed from the start no copy forms at all (docs/training_log.md, session 9).
+  lm-box           each on scenes with one shape (copy its colour, its kind, its box; the box phase replays
+  lm-pretrain      the other two), then every drill on full scenes (look an object up among several). All at
+                   lr 3e-4: at the old 2e-3 the decoder copied nothing in 400 steps, at 3e-4 it copies colours
+                   after 400, and mixed from the start no copy forms at all (docs/training_log.md, sessions 9-10;
+                   the shape copy did not form in 200 steps with colour replayed, it did in 400 without).
   stage1           alignment: the vision stand-in's model with the LM stand-in's decoder put in (`loop.join`),
                    LLM frozen, ViT + adapter trained at low resolution (Qwen-VL stage 1: 224 px, "LLM frozen";
                    Qwen2-VL's trains the ViT only) on captions and -- qvl-tiny's choice -- short colour, shape
@@ -102,7 +103,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     # phase replaying the ones before; seeds of each phase from its own block.
     Stage("lm-colour", train=("llm",), source="drills", loss="assistant", mix={"color": 1.0}, lr=3e-4,
           data=dict(max_turns=3, scene=dict(max_objects=1)), seed_offset=20_000_000, batch_size=16),
-    Stage("lm-shape", train=("llm",), source="drills", loss="assistant", mix={"shape": 1.0, "color": 0.25},
+    Stage("lm-shape", train=("llm",), source="drills", loss="assistant", mix={"shape": 1.0},
           lr=3e-4, data=dict(max_turns=3, scene=dict(max_objects=1)), seed_offset=21_000_000, batch_size=16),
     Stage("lm-box", train=("llm",), source="drills", loss="assistant",
           mix={"ground": 1.0, "color": 0.25, "shape": 0.25}, lr=3e-4,
@@ -133,7 +134,7 @@ ORDER = ("vision-pretrain", "lm-colour", "lm-shape", "lm-box", "lm-pretrain", "s
 # Samples per stage for `python -m qvl.train recipe` (multiplied by --scale). "rejection" = questions the
 # stage-3 model answers; "rs-sft" trains on the accepted ones (epochs over them, capped by this number);
 # "dpo" = preference pairs seen.
-BUDGETS = {"vision-pretrain": 12_000, "lm-colour": 6_400, "lm-shape": 3_200, "lm-box": 6_400,
+BUDGETS = {"vision-pretrain": 12_000, "lm-colour": 6_400, "lm-shape": 6_400, "lm-box": 6_400,
            "lm-pretrain": 12_000, "stage1": 6_000, "stage2": 24_000,
            "stage3": 4_000, "rejection": 1_000, "rs-sft": 2_000, "dpo": 1_000}
 
