@@ -50,7 +50,7 @@ def focus_stage(base: S.Stage, tasks: list[str] | None, weighting: str, max_obje
 def starting_model(init, out: Path, generation: str, fresh: bool = False, vision_from=None, seed: int = 0) -> Path:
     """The model the first chunk starts from, written to `out` (a stage-like directory): `init` itself, or a
     fresh tiny model with `init`'s tokenizer (`fresh`), and/or with the vision tower (and dense head) of
-    `vision_from` put in place of its own -- the graft the recipe makes between lm-pretrain and vision-pretrain,
+    `vision_from` put in place of its own -- the join the recipe makes where stage 1 starts (loop.join),
     done by hand so a decoder trained on drills here can meet a pre-trained ViT (training log, session 9)."""
     import shutil
 
