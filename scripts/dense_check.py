@@ -22,7 +22,7 @@ from qvl.data.world import KINDS
 from qvl.train import stages as S
 from qvl.train import tiny
 from qvl.train.batching import Collator, embed_kwargs
-from qvl.train.loop import HEAD_FILE, DenseHead, model_dir_of, vision_module
+from qvl.train.loop import HEAD_FILE, DenseHead, model_dir_of, run_vision, vision_module
 
 
 def colour_kind_hits(logits: torch.Tensor, cls: torch.Tensor) -> tuple[int, int, int]:
@@ -57,11 +57,7 @@ def check(stage_dir, n: int = 64, batch: int = 8) -> dict:
         hook = vision_module(model).register_forward_hook(lambda m, a, o: feats.append(o))
         try:
             with torch.no_grad():
-                v = embed_kwargs(b["vision"])
-                if g == "1":
-                    vision_module(model)(v["images"])
-                else:
-                    model.visual(v["pixel_values"], v["image_grid_thw"])
+                run_vision(model, embed_kwargs(b["vision"]))
                 logits = head.cls(head.trunk(feats[0].flatten(0, -2).float()))
         finally:
             hook.remove()

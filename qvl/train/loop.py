@@ -102,6 +102,14 @@ def vision_module(model: nn.Module) -> nn.Module:
     return model.transformer.visual if model.generation == "1" else model.visual
 
 
+def run_vision(model: nn.Module, vision: dict) -> None:
+    """The vision tower alone on a batch's `embed_kwargs` (no decoder): what the dense head's hooks read."""
+    if model.generation == "1":
+        vision_module(model)(vision["images"])
+    elif "pixel_values" in vision:
+        model.visual(vision["pixel_values"], vision["image_grid_thw"])
+
+
 # --------------------------------------------------------------------------------------------------
 # The training module: model (+ head, + frozen reference for DPO) -> loss
 # --------------------------------------------------------------------------------------------------
@@ -173,10 +181,7 @@ class TrainModule(nn.Module):
                 metrics["lm_loss"] = loss.detach()
             else:  # vision pre-training: the decoder is not run at all
                 loss = torch.zeros((), device=batch["input_ids"].device)
-                if model.generation == "1":
-                    vision_module(model)(vision["images"])
-                elif "pixel_values" in vision:
-                    model.visual(vision["pixel_values"], vision["image_grid_thw"])
+                run_vision(model, vision)
         finally:
             for h in hooks:
                 h.remove()

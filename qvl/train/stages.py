@@ -99,8 +99,8 @@ MID_RES = 256 * 28 * 28
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("vision-pretrain", train=("vision", "adapter"), loss="dense", mix=IMAGE_MIX, lr=2e-3,
           data=dict(max_pixels=256 * 28 * 28), seed_offset=10_000_000, batch_size=16),
-    # The LM stand-in's phases: one-object scenes first (nothing to look up, only the copy to learn), each
-    # phase replaying the ones before; seeds of each phase from its own block.
+    # The LM stand-in's phases: one-object scenes first (nothing to look up, only the copy to learn), the box
+    # phase replaying colour and shape; seeds of each phase from its own block.
     Stage("lm-colour", train=("llm",), source="drills", loss="assistant", mix={"color": 1.0}, lr=3e-4,
           data=dict(max_turns=3, scene=dict(max_objects=1)), seed_offset=20_000_000, batch_size=16),
     Stage("lm-shape", train=("llm",), source="drills", loss="assistant", mix={"shape": 1.0},
