@@ -245,7 +245,7 @@ def text_probe(vlm, n_fit: int = PROBE_FIT, n_test: int = PROBE_FIT) -> dict:
     xs, texts, letters, heights = [], [], [], []
     for s in samples:
         feats, grid = vision_tokens(vlm, s)
-        cls, letter, box = dense_targets(s.scene, grid)
+        cls, letter, box, _ = dense_targets(s.scene, grid)
         xs.append(feats), texts.append(cls == 1), letters.append(letter)
         # The owning word's height, from its box (normalised by the canvas; NaN off every object).
         heights.append((box[:, 3] - box[:, 1]) * s.scene.height)

@@ -4,7 +4,8 @@ The dense head (qvl.train.loop.DenseHead) names one colour x kind class per visi
 loss.csv counts both at once; this splits them on held-out images: the share of shape tokens whose predicted
 colour is right, and whose predicted kind is right (chance 1 / 5). Session 10 found colour at 99.6 % and kind
 at 42 % after vision-pretrain -- the decoder cannot copy a kind the vision tokens do not carry
-(docs/training_log.md).
+(docs/training_log.md). Heads with the per-shape readout (session 11) are also scored per shape: the kind
+named by the head's linear readout of the mean of each shape's tokens ("object_kind"; None for older heads).
 
     python scripts/dense_check.py runs/recipe/gen2.5/vision-pretrain runs/recipe/gen2.5/stage2 --n 64
 """
@@ -22,7 +23,7 @@ from qvl.data.world import KINDS
 from qvl.train import stages as S
 from qvl.train import tiny
 from qvl.train.batching import Collator, embed_kwargs
-from qvl.train.loop import HEAD_FILE, DenseHead, model_dir_of, run_vision, vision_module
+from qvl.train.loop import HEAD_FILE, DenseHead, model_dir_of, pool_objects, run_vision, vision_module
 
 
 def colour_kind_hits(logits: torch.Tensor, cls: torch.Tensor) -> tuple[int, int, int]:
@@ -36,6 +37,12 @@ def colour_kind_hits(logits: torch.Tensor, cls: torch.Tensor) -> tuple[int, int,
     return int(shape.sum()), int((pred // k == true // k).sum()), int((pred % k == true % k).sum())
 
 
+def object_kind_hits(logits: torch.Tensor, obj_cls: torch.Tensor) -> tuple[int, int]:
+    """Per-shape readout logits [S, colours x kinds] and each shape's class [S] -> (shapes, kind right)."""
+    k = len(KINDS)
+    return len(obj_cls), int((logits.argmax(-1) % k == obj_cls % k).sum())
+
+
 def check(stage_dir, n: int = 64, batch: int = 8) -> dict:
     """{"tokens", "colour", "kind"} for a stage directory holding model/ and the dense head."""
     stage_dir = Path(stage_dir)
@@ -45,12 +52,15 @@ def check(stage_dir, n: int = 64, batch: int = 8) -> dict:
     head = DenseHead.for_model(model).eval()
     from safetensors.torch import load_file
 
-    head.load_state_dict(load_file(str(stage_dir / HEAD_FILE)))
+    missing, unexpected = head.load_state_dict(load_file(str(stage_dir / HEAD_FILE)), strict=False)
+    if unexpected or any(not k.startswith(("obj.", "patch.obj.")) for k in missing):
+        raise SystemExit(f"{stage_dir}: {HEAD_FILE} does not match the dense head (missing {missing}, unexpected {unexpected})")
+    per_shape = not missing  # heads saved before session 11 have no per-shape readout
     g = model.generation
     coll = Collator(g, tiny.load_tokenizer(g, model_dir_of(stage_dir)), model.config, loss="text", dense=True)
     # count questions draw the fullest scenes; vision-pretrain's resolution, held-out seeds
     samples = T.eval_samples("count", g, n, S.get("vision-pretrain").data_config())
-    tokens = colour = kind = 0
+    tokens = colour = kind = shapes = shape_kind = 0
     for i in range(0, n, batch):
         b = coll(samples[i:i + batch])
         feats: list[torch.Tensor] = []
@@ -58,12 +68,18 @@ def check(stage_dir, n: int = 64, batch: int = 8) -> dict:
         try:
             with torch.no_grad():
                 run_vision(model, embed_kwargs(b["vision"]))
-                logits = head.cls(head.trunk(feats[0].flatten(0, -2).float()))
+                normed = head.trunk[0](feats[0].flatten(0, -2).float())
+                logits = head.cls(head.trunk[1:](normed))
+                pooled, seen = pool_objects(normed, b["dense_obj"], len(b["dense_obj_cls"]))
+                obj_logits = head.obj(pooled)
         finally:
             hook.remove()
         t, c, k = colour_kind_hits(logits, b["dense_cls"])
         tokens, colour, kind = tokens + t, colour + c, kind + k
-    return {"tokens": tokens, "colour": round(colour / max(tokens, 1), 3), "kind": round(kind / max(tokens, 1), 3)}
+        s, sk = object_kind_hits(obj_logits, b["dense_obj_cls"][seen])
+        shapes, shape_kind = shapes + s, shape_kind + sk
+    return {"tokens": tokens, "colour": round(colour / max(tokens, 1), 3), "kind": round(kind / max(tokens, 1), 3),
+            "shapes": shapes, "object_kind": round(shape_kind / max(shapes, 1), 3) if per_shape else None}
 
 
 def main(argv=None) -> int:

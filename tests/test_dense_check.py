@@ -40,6 +40,15 @@ def test_colour_and_kind_are_scored_apart_on_shape_tokens():
     assert dc.colour_kind_hits(logits, cls) == (3, 2, 2)
 
 
+def test_object_kind_counts_the_kind_whatever_the_colour():
+    obj_cls = torch.tensor([1 * K + 2, 4 * K + 0, 0 * K + 3])
+    logits = torch.zeros(3, N_DENSE_CLASSES - 2)
+    logits[0, 6 * K + 2] = 5.0  # wrong colour, right kind: counts
+    logits[1, 4 * K + 1] = 5.0  # right colour, wrong kind: does not
+    logits[2, 0 * K + 3] = 5.0  # both right
+    assert dc.object_kind_hits(logits, obj_cls) == (3, 2)
+
+
 def test_check_scores_a_stage_and_refuses_one_without_a_head(tok_dir, tmp_path):  # noqa: F811
     model, _ = micro_model("2.5", tok_dir)
     tiny.save_model(model, tmp_path / "stage" / "model", tok_dir)
@@ -51,3 +60,8 @@ def test_check_scores_a_stage_and_refuses_one_without_a_head(tok_dir, tmp_path):
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp_path / "stage" / HEAD_FILE))
     out = dc.check(tmp_path / "stage", n=4, batch=2)
     assert out["tokens"] > 0 and 0.0 <= out["colour"] <= 1.0 and 0.0 <= out["kind"] <= 1.0
+    assert out["shapes"] > 0 and 0.0 <= out["object_kind"] <= 1.0
+    # a head saved before the per-shape readout existed: scored per token, "object_kind" None
+    save_file({k: v.contiguous() for k, v in head.state_dict().items() if not k.startswith("obj.")},
+              str(tmp_path / "stage" / HEAD_FILE))
+    assert dc.check(tmp_path / "stage", n=4, batch=2)["object_kind"] is None

@@ -193,26 +193,25 @@ class Collator:
         parts = [dense_targets(sc, g) for sc, g in zip(scenes, grids)]
         if not parts:
             return {}
-        out = {"dense_cls": torch.cat([p[0] for p in parts]), "dense_letter": torch.cat([p[1] for p in parts]),
-               "dense_box": torch.cat([p[2] for p in parts])}
+        classes = [shape_classes(sc) for sc in scenes]
+        out = stack_dense(parts, classes)
         if self.generation == "1":  # also per ViT patch: the resampler's queries start out non-spatial
             side = self.config.vision.image_size // self.config.vision.patch_size
-            patch = [dense_targets(sc, (side, side)) for sc in scenes]
-            out.update({"dense_patch_cls": torch.cat([p[0] for p in patch]),
-                        "dense_patch_letter": torch.cat([p[1] for p in patch]),
-                        "dense_patch_box": torch.cat([p[2] for p in patch])})
+            out.update(stack_dense([dense_targets(sc, (side, side)) for sc in scenes], classes, "dense_patch_"))
         return out
 
 
 def dense_targets(scene, grid: tuple[int, int]):
-    """Per vision token of one image: class, letter, object box. -> (cls [N], letter [N], box [N, 4]).
+    """Per vision token of one image: class, letter, object box, shape index.
+    -> (cls [N], letter [N], box [N, 4], obj [N]).
 
     Token (i, j) of a rows x cols grid sees the cell [j/cols, (j+1)/cols) x [i/rows, (i+1)/rows) of the image
     (both resizes -- smart_resize and gen 1's square -- scale each axis uniformly). The cell's object is the
     one whose box covers most of it, if that covers >= 25 % of the cell or >= 40 % of the object (so a small
     shape still owns one cell). Box = the object's (x1, y1, x2, y2) / (w, h), in [0, 1]; NaN for background.
     Letter = the character of a word under the cell's centre, assuming evenly spaced glyphs (an approximation:
-    the measured prototype's letter head reached 63 % with the same target)."""
+    the measured prototype's letter head reached 63 % with the same target). Obj = the index in
+    `scene.shapes` of the shape that owns the cell, -1 for text and background cells."""
     rows, cols = grid
     H, W = scene.height, scene.width
     ys = np.arange(rows + 1) * H / rows
@@ -226,6 +225,7 @@ def dense_targets(scene, grid: tuple[int, int]):
     cls = np.zeros(n, np.int64)
     letter = np.zeros(n, np.int64)
     box = np.full((n, 4), np.nan, np.float32)
+    obj = np.full(n, -1, np.int64)
     if objects:
         boxes = np.array([o[1] for o in objects], np.float64)  # [M, 4]
         ix = np.clip(np.minimum(cells[:, None, 2], boxes[None, :, 2]) - np.maximum(cells[:, None, 0], boxes[None, :, 0]), 0, None)
@@ -241,11 +241,30 @@ def dense_targets(scene, grid: tuple[int, int]):
             c, b, text = objects[best[k]]
             cls[k] = c
             box[k] = (b[0] / W, b[1] / H, b[2] / W, b[3] / H)
+            if best[k] < len(scene.shapes):  # shapes come first in `objects`
+                obj[k] = best[k]
             if text:
                 cx = (cells[k, 0] + cells[k, 2]) / 2
                 pos = int((cx - b[0]) / max(b[2] - b[0], 1) * len(text))
                 letter[k] = _LETTER_ID.get(text[min(max(pos, 0), len(text) - 1)], 0)
-    return torch.from_numpy(cls), torch.from_numpy(letter), torch.from_numpy(box)
+    return torch.from_numpy(cls), torch.from_numpy(letter), torch.from_numpy(box), torch.from_numpy(obj)
+
+
+def shape_classes(scene) -> torch.Tensor:
+    """Colour x kind class of each shape in `scene.shapes`, counted from 0 (the dense class minus 2)."""
+    return torch.tensor([_COLOR_ID[s.color] * len(KINDS) + _KIND_ID[s.kind] for s in scene.shapes], dtype=torch.long)
+
+
+def stack_dense(parts, classes, prefix: str = "dense_") -> dict:
+    """Concatenate per-image dense targets; shape indices become batch-wide (image i's shapes follow image
+    i-1's), with one colour x kind class per batch shape (`{prefix}obj_cls`)."""
+    objs, offset = [], 0
+    for p, c in zip(parts, classes):
+        objs.append(torch.where(p[3] >= 0, p[3] + offset, p[3]))
+        offset += len(c)
+    return {f"{prefix}cls": torch.cat([p[0] for p in parts]), f"{prefix}letter": torch.cat([p[1] for p in parts]),
+            f"{prefix}box": torch.cat([p[2] for p in parts]), f"{prefix}obj": torch.cat(objs),
+            f"{prefix}obj_cls": torch.cat(classes)}
 
 
 def to_device(batch: dict, device) -> dict:
