@@ -137,19 +137,65 @@ def test_pretraining_labels_cover_all_text_but_no_vision_slot(generation, tok_di
 
 
 def test_dense_targets_name_the_objects(tok_dir):
-    """The cell holding a shape's centre is labelled with that shape's colour x kind and its box."""
+    """The cell holding a shape's centre is labelled with that shape's colour x kind, its box and its index."""
     from qvl.data.world import COLORS, KINDS
     from qvl.train.batching import dense_targets
 
     s = next(iterate("2.5", mix={"count": 1.0}))
     rows, cols = 12, 16
-    cls, letter, box = dense_targets(s.scene, (rows, cols))
-    for sh in s.scene.shapes:
+    cls, letter, box, obj = dense_targets(s.scene, (rows, cols))
+    for i, sh in enumerate(s.scene.shapes):
         cx, cy = (sh.box[0] + sh.box[2]) / 2, (sh.box[1] + sh.box[3]) / 2
         k = int(cy / s.scene.height * rows) * cols + int(cx / s.scene.width * cols)
         assert cls[k] == 2 + list(COLORS).index(sh.color) * len(KINDS) + KINDS.index(sh.kind)
         assert torch.allclose(box[k] * torch.tensor([s.scene.width, s.scene.height] * 2), torch.tensor(sh.box, dtype=torch.float32))
+        assert obj[k] == i
     assert (cls == 0).any()
+    assert ((obj >= 0) == (cls > 1)).all()  # exactly the shape cells name a shape
+
+
+def test_batch_dense_targets_number_shapes_across_images(tok_dir):
+    """In a batch, the second image's shape indices follow the first image's, and each batch shape has its
+    colour x kind class: the object-level loss pools the right tokens of the right image."""
+    from qvl.data.world import COLORS, KINDS
+
+    tok = tiny.load_tokenizer("2.5", tok_dir)
+    model = tiny.new_model("2.5", tok)
+    samples = list(itertools.islice(iterate("2.5", mix={"count": 1.0}), 2))
+    b = Collator("2.5", tok, model.config, loss="text", dense=True)(samples)
+    shapes = [sh for s in samples for sh in s.scene.shapes]
+    assert b["dense_obj_cls"].tolist() == [list(COLORS).index(sh.color) * len(KINDS) + KINDS.index(sh.kind) for sh in shapes]
+    first = len(samples[0].scene.shapes)
+    n0 = int(b["vision"]["image_grid_thw"][0].prod()) // 4  # the first image's tokens (2 x 2 merge)
+    own = b["dense_obj"] >= 0
+    assert (b["dense_cls"][own] - 2 == b["dense_obj_cls"][b["dense_obj"][own]]).all()
+    assert b["dense_obj"][:n0].max() < first <= b["dense_obj"][n0:][own[n0:]].min()
+
+
+def test_per_shape_loss_reads_the_mean_of_each_shapes_tokens():
+    """The per-shape term = cross-entropy of the linear read-out of each shape's mean (LayerNormed) token,
+    recomputed here by hand; a shape that owns no token is left out, and tokens off shapes never count."""
+    import torch.nn.functional as F
+
+    from qvl.data.world import KINDS
+
+    torch.manual_seed(0)
+    head = DenseHead(16)
+    feats = torch.randn(7, 16)
+    cls = torch.tensor([0, 5, 5, 1, 9, 9, 9])
+    letter, box = torch.zeros(7, dtype=torch.long), torch.rand(7, 4)
+    obj = torch.tensor([-1, 0, 0, -1, 2, 2, 2])  # shape 1 owns no token
+    obj_cls = torch.tensor([3, 11, 7])
+    base, _ = head(feats, cls, letter, box)
+    full, metrics = head(feats, cls, letter, box, obj, obj_cls)
+    normed = F.layer_norm(feats, (16,), head.trunk[0].weight, head.trunk[0].bias)
+    pooled = torch.stack([normed[1:3].mean(0), normed[4:7].mean(0)])
+    want = F.cross_entropy(pooled @ head.obj.weight.T + head.obj.bias, torch.tensor([3, 7]))
+    assert torch.allclose(full - base, want, atol=1e-5)
+    right = (pooled @ head.obj.weight.T + head.obj.bias).argmax(-1) % len(KINDS) == torch.tensor([3, 7]) % len(KINDS)
+    assert float(metrics["kind_acc"]) == float(right.float().mean())
+    full.backward()
+    assert head.obj.weight.grad.abs().sum() > 0
 
 
 def test_drills_replace_the_image_with_text_and_keep_answers():
@@ -465,22 +511,25 @@ def test_lm_pretrain_probe_asks_the_held_out_questions_as_text(tok_dir, tmp_path
 # --------------------------------------------------------------------------------------------------
 
 
-def test_object_curriculum_caps_the_shapes_per_phase_of_the_stage(tok_dir):
+def test_scene_curriculum_sets_the_scenes_per_phase_of_the_stage(tok_dir):
     from qvl.train.loop import StageData
 
     model, tok = micro_model("2.5", tok_dir)
-    stage = small(S.get("stage2"), batch_size=4, objects=((0.25, 1), (0.5, 2)), mix={"count": 1.0, "color": 1.0})
+    stage = small(S.get("stage2"), batch_size=4, mix={"count": 1.0, "color": 1.0},
+                  curriculum=((0.25, dict(max_objects=1, max_side=150)), (0.5, dict(max_objects=2))))
     coll = Collator("2.5", tok, model.config, loss="text")
     data = StageData(stage, "2.5", coll, 4, 0, 16, bucket=1)  # 64 samples: 0-15 <= 1 shape, 16-31 <= 2, rest <= 3
     counts = [[len(s.scene.shapes) for s in data.samples(k)] for k in range(16)]
     assert max(max(c) for c in counts[:4]) == 1
+    assert all(max(s.scene.width, s.scene.height) <= 150 for k in range(4) for s in data.samples(k))
+    assert max(max(s.scene.width, s.scene.height) for k in range(4, 16) for s in data.samples(k)) > 150
     assert max(max(c) for c in counts[4:8]) == 2
     assert max(max(c) for c in counts[8:]) == 3  # the stage's own cap (SMALL_DATA) after the last phase
     # the cap depends on the index alone, so every rank and a resumed run draw the same samples
     again = StageData(stage, "2.5", coll, 2, 0, 16, rank=1, world=2, bucket=1)
     assert [s.seed for s in again.samples(0)] == [S.sample_at(stage, "2.5", i, total=64).seed for i in (2, 3)]
-    assert S.max_objects_at(stage, 15, 64) == 1 and S.max_objects_at(stage, 16, 64) == 2
-    assert S.max_objects_at(stage, 32, 64) is None and S.max_objects_at(S.get("stage2"), 0, 64) is None
+    assert S.scene_at(stage, 15, 64)["max_objects"] == 1 and S.scene_at(stage, 16, 64) == dict(max_objects=2)
+    assert S.scene_at(stage, 32, 64) == {} and S.scene_at(S.get("stage2"), 0, 64) == {}
 
 
 @pytest.mark.parametrize("generation", ["1", "2.5"])

@@ -226,7 +226,7 @@ def recipe_main(argv) -> int:
             phases = tuple((float(f), int(n)) for f, n in (p.split(":") for p in a.object_curriculum.split(",")))
         except ValueError:
             ap.error(f"--object-curriculum: expected F:N,... (e.g. 0.25:1,0.5:2), got {a.object_curriculum!r}")
-        overrides = {"stage2": {"objects": phases}}
+        overrides = {"stage2": {"curriculum": tuple((f, {"max_objects": n}) for f, n in phases)}}
     gens = ["2.5", "2", "1"] if a.generation == "all" else [a.generation]
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)

@@ -66,10 +66,11 @@ class Stage:
     bucket: int = 8  # length bucketing: sort the samples of this many steps by length (qvl.train.loop.StageData)
     relist: float = 0.0  # drills: share of scene samples turned into look-up-and-copy drills (`relist`)
     repeat: float = 0.0  # drills: share of scene samples turned into verbatim copy drills (`repeat`)
-    # Object curriculum: ((until_fraction, max_objects), ...) -- the samples before that fraction of the stage
-    # draw scenes with at most that many shapes, the rest the stage's own `scene.max_objects`. Session 5 saw
-    # one-object reading form in ~200 focused steps while look-up among several objects did not (docs/training_log.md).
-    objects: tuple[tuple[float, int], ...] = ()
+    # Scene curriculum: ((until_fraction, SceneConfig overrides), ...) -- the samples before that fraction of the
+    # stage draw scenes with those overrides, the rest the stage's own scenes. Session 5 saw one-object reading
+    # form in ~200 focused steps while look-up among several objects did not; session 11 saw a lone shape's kind
+    # learnt sooner on small canvases with large shapes (docs/training_log.md).
+    curriculum: tuple[tuple[float, dict], ...] = ()
 
     @property
     def lm(self) -> bool:
@@ -95,9 +96,14 @@ LOW_RES = 128 * 28 * 28  # stage 1: at most 128 visual tokens per image (prototy
 # resolution (DataConfig.max_pixels = 640 tokens) comes back in stage 3, so the small text on large
 # canvases is seen at full size before the model ships.
 MID_RES = 256 * 28 * 28
+# Vision pre-training's first phase: small canvases, at most two shapes, large ones allowed. A shape's kind is
+# learnt after a long plateau (session 11: the tiny ViT on lone shapes, 30 % -> 79 % between 24 k and 48 k
+# images; sooner for larger shapes), and a small canvas costs a fraction of a full one.
+SHAPE_SCENES = dict(max_side=168, large_prob=0.0, max_objects=2, max_shape_frac=0.6)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("vision-pretrain", train=("vision", "adapter"), loss="dense", mix=IMAGE_MIX, lr=2e-3,
+          curriculum=((2 / 3, SHAPE_SCENES),),
           data=dict(max_pixels=256 * 28 * 28), seed_offset=10_000_000, batch_size=16),
     # The LM stand-in's phases: one-object scenes first (nothing to look up, only the copy to learn), the box
     # phase replaying colour and shape; seeds of each phase from its own block.
@@ -114,7 +120,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     # and question, which a frozen LLM predicts or not regardless of the image (docs/training_log.md). Half
     # its samples show one shape, so a colour or kind word has one place in the image to come from.
     Stage("stage1", train=("vision", "adapter"), mix={"caption": 0.5, "color": 1.0, "shape": 1.0, "ground": 0.5},
-          lr=1e-3, loss="assistant", objects=((0.5, 1),),
+          lr=1e-3, loss="assistant", curriculum=((0.5, dict(max_objects=1)),),
           data=dict(max_pixels=LOW_RES, scene=dict(max_objects=3, large_prob=0.0)), gen1_image_size=112,
           seed_offset=30_000_000, batch_size=16),
     # Stage 2 scores the answers only for the same reason: its `text` loss fell to 0.39 on template tokens
@@ -134,7 +140,7 @@ ORDER = ("vision-pretrain", "lm-colour", "lm-shape", "lm-box", "lm-pretrain", "s
 # Samples per stage for `python -m qvl.train recipe` (multiplied by --scale). "rejection" = questions the
 # stage-3 model answers; "rs-sft" trains on the accepted ones (epochs over them, capped by this number);
 # "dpo" = preference pairs seen.
-BUDGETS = {"vision-pretrain": 12_000, "lm-colour": 6_400, "lm-shape": 6_400, "lm-box": 6_400,
+BUDGETS = {"vision-pretrain": 36_000, "lm-colour": 6_400, "lm-shape": 6_400, "lm-box": 6_400,
            "lm-pretrain": 12_000, "stage1": 6_000, "stage2": 24_000,
            "stage3": 4_000, "rejection": 1_000, "rs-sft": 2_000, "dpo": 1_000}
 
@@ -234,22 +240,22 @@ def drill(sample: Sample, seed: int) -> Sample:
 # --------------------------------------------------------------------------------------------------
 
 
-def max_objects_at(stage: Stage, index: int, total: int | None) -> int | None:
-    """The object cap of the `stage.objects` curriculum phase that sample `index` of `total` falls in (None: none)."""
-    if not stage.objects or not total:
-        return None
-    return next((m for until, m in stage.objects if index < until * total), None)
+def scene_at(stage: Stage, index: int, total: int | None) -> dict:
+    """The scene overrides of the `stage.curriculum` phase that sample `index` of `total` falls in ({}: none)."""
+    if not stage.curriculum or not total:
+        return {}
+    return next((o for until, o in stage.curriculum if index < until * total), {})
 
 
 def sample_at(stage: Stage, generation: str, index: int, records: list[dict] | None = None,
               total: int | None = None) -> Sample | dict:
     """The index-th training sample of a stage: deterministic, random access (each DDP rank and DataLoader
     worker computes its own share from the index alone). `total` = the stage's sample count, which places
-    the index in the `stage.objects` curriculum."""
+    the index in the `stage.curriculum`."""
     cfg = stage.data_config()
-    cap = max_objects_at(stage, index, total)
-    if cap is not None:
-        cfg = replace(cfg, scene=replace(cfg.scene, max_objects=min(cap, cfg.scene.max_objects)))
+    overrides = scene_at(stage, index, total)
+    if overrides:
+        cfg = replace(cfg, scene=replace(cfg.scene, **overrides))
     mix = stage.mix
     if mix is not None and generation == "1":
         mix = {k: v for k, v in mix.items() if k not in T.VIDEO_TASKS} or None
