@@ -281,7 +281,7 @@ class StageData(IterableDataset):
         if stage.source == "records":  # DPO rows are (chosen, rejected) pairs; records stages are small
             self.bucket = 1
         self._chunk: tuple[int, list] | None = None
-        self.samples_total = total * world * batch_size  # all ranks: places a sample in the object curriculum
+        self.samples_total = total * world * batch_size  # all ranks: places a sample in the scene curriculum
 
     def _chunk_batches(self, chunk: int) -> list[list]:
         """All batches of one chunk of K steps, indexed [(step - chunk * K) * world + rank]."""
