@@ -201,6 +201,11 @@ class Collator:
         return out
 
 
+def shape_classes(scene) -> torch.Tensor:
+    """Colour x kind class of each shape in `scene.shapes`, counted from 0 (the dense class minus 2)."""
+    return torch.tensor([_COLOR_ID[s.color] * len(KINDS) + _KIND_ID[s.kind] for s in scene.shapes], dtype=torch.long)
+
+
 def dense_targets(scene, grid: tuple[int, int]):
     """Per vision token of one image: class, letter, object box, shape index.
     -> (cls [N], letter [N], box [N, 4], obj [N]).
@@ -219,7 +224,7 @@ def dense_targets(scene, grid: tuple[int, int]):
     cy1, cx1 = np.meshgrid(ys[:-1], xs[:-1], indexing="ij")
     cy2, cx2 = np.meshgrid(ys[1:], xs[1:], indexing="ij")
     cells = np.stack([cx1.ravel(), cy1.ravel(), cx2.ravel(), cy2.ravel()], 1)  # [N, 4]
-    objects = [(2 + _COLOR_ID[s.color] * len(KINDS) + _KIND_ID[s.kind], s.box, None) for s in scene.shapes]
+    objects = [(2 + int(c), s.box, None) for c, s in zip(shape_classes(scene), scene.shapes)]
     objects += [(1, t.box, t.text) for t in scene.texts]
     n = len(cells)
     cls = np.zeros(n, np.int64)
@@ -248,11 +253,6 @@ def dense_targets(scene, grid: tuple[int, int]):
                 pos = int((cx - b[0]) / max(b[2] - b[0], 1) * len(text))
                 letter[k] = _LETTER_ID.get(text[min(max(pos, 0), len(text) - 1)], 0)
     return torch.from_numpy(cls), torch.from_numpy(letter), torch.from_numpy(box), torch.from_numpy(obj)
-
-
-def shape_classes(scene) -> torch.Tensor:
-    """Colour x kind class of each shape in `scene.shapes`, counted from 0 (the dense class minus 2)."""
-    return torch.tensor([_COLOR_ID[s.color] * len(KINDS) + _KIND_ID[s.kind] for s in scene.shapes], dtype=torch.long)
 
 
 def stack_dense(parts, classes, prefix: str = "dense_") -> dict:
