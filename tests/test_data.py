@@ -267,8 +267,9 @@ def test_every_task_scores_its_own_answer_and_rejects_wrong_ones():
             assert T.score(task, "  " + s.answer.upper() + ". ", s.truth) >= got - 1e-9 or task == "ground"
             assert T.score(task, "", s.truth) == 0.0
     color = T.make_sample("color", 3, "2")
-    wrong = next(c for c in W.COLORS if c != color.answer)
+    wrong = next(c for c in W.COLORS if c != color.truth["answer"])
     assert T.score("color", wrong, color.truth) == 0.0
+    assert T.score("color", color.answer.replace(color.truth["answer"], wrong), color.truth) == 0.0
     count = T.make_sample("count", 3, "2")
     assert T.score("count", str(int(count.answer) + 1), count.truth) == 0.0
     when = T.make_sample("video_when", 3, "2.5")
@@ -493,3 +494,22 @@ def test_gen1_tiktoken_builds_and_round_trips(tmp_path):
         assert qt.decode(ids) == text
         assert ids.count(qt.img_start_id) == 1
     assert len(qt.encode("2024")) == 4
+
+
+def test_colour_and_shape_answers_put_the_asked_word_right_before_the_answer_word():
+    """The answer restates what the question names, immediately before the word it asks for ("The star red.",
+    "A red star."): the token that predicts the answer is the key itself, so the decoder's look-up needs no hop
+    (docs/training_log.md, session 12). The score reads the one colour / kind the reply names."""
+    for seed in range(20):
+        c = T.make_sample("color", seed, "2.5")
+        shape = next(s for s in c.scene.shapes if s.color == c.truth["answer"] and f" {s.kind}" in c.qas[0].question)
+        assert c.answer.split()[-2:] == [shape.kind, c.truth["answer"] + "."]
+        s = T.make_sample("shape", seed, "2.5")
+        named = next(x for x in s.scene.shapes if x.kind == s.truth["answer"] and x.color in s.qas[0].question)
+        assert s.answer.split()[-2:] == [named.color, s.truth["answer"] + "."]
+    c = T.make_sample("color", 1, "2.5")
+    other = next(x for x in W.COLORS if x != c.truth["answer"])
+    assert T.score("color", c.truth["answer"], c.truth) == 1.0  # a bare answer (older models) still counts
+    assert T.score("color", f"The {other} star {c.truth['answer']}.", c.truth) == 0.0  # two colours named
+    assert T.score("shape", "A red triangle star.", {"answer": "star"}) == 0.0
+    assert T.score("shape", "Star", {"answer": "star"}) == 1.0

@@ -24,7 +24,7 @@ import numpy as np
 from .. import grounding
 from ..media import MIN_PIXELS, sample_frame_indices, smart_resize
 from . import video as V
-from .world import COLORS, PLURALS, Scene, SceneConfig, left_to_right, make_scene, reading_order, render
+from .world import COLORS, KINDS, PLURALS, Scene, SceneConfig, left_to_right, make_scene, reading_order, render
 
 TASKS = ("caption", "color", "shape", "count", "ground", "refer", "ocr", "video_direction", "video_when")
 IMAGE_TASKS = TASKS[:7]
@@ -155,13 +155,18 @@ def ask_caption(scene, rng, generation, sizes):
     return QA("caption", question, answer, {"answer": answer})
 
 
+# Colour and shape answers restate the word the question names *right before* the word it asks for ("The star
+# red.", "A red star."). The token that predicts the answer is then the key itself, and the decoder's look-up
+# is one attention step: query = that word, keys = the image tokens of that colour / kind. With a bare answer
+# (or "The star is red.", where "is" predicts the colour) the query must first be fetched from the question, a
+# two-step circuit the tiny decoder did not form: measured on two-shape scenes, docs/training_log.md (session 12).
 def ask_color(scene, rng, generation, sizes):
     candidates = _unique(scene.shapes, lambda s: s.kind)
     if not candidates:
         return None
     s = _pick(rng, candidates)
     question = _pick(rng, (f"What color is the {s.kind}?", f"Which color does the {s.kind} have?"))
-    return QA("color", question, s.color, {"answer": s.color})
+    return QA("color", question, f"The {s.kind} {s.color}.", {"answer": s.color})
 
 
 def ask_shape(scene, rng, generation, sizes):
@@ -170,7 +175,7 @@ def ask_shape(scene, rng, generation, sizes):
         return None
     s = _pick(rng, candidates)
     question = _pick(rng, (f"What shape is the {s.color} object?", f"Which shape is {s.color}?"))
-    return QA("shape", question, s.kind, {"answer": s.kind})
+    return QA("shape", question, f"{_article(s.name).capitalize()}.", {"answer": s.kind})
 
 
 def ask_count(scene, rng, generation, sizes):
@@ -414,6 +419,7 @@ def iou(a, b) -> float:
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+ANSWER_WORDS = {"color": frozenset(COLORS), "shape": frozenset(KINDS)}
 
 
 def score(task: str, reply: str, truth: dict) -> float:
@@ -426,6 +432,9 @@ def score(task: str, reply: str, truth: dict) -> float:
     if task == "video_when":
         m = _NUMBER.search(reply)
         return float(m is not None and abs(float(m.group()) - truth["time"]) <= WHEN_TOLERANCE_S)
+    if task in ANSWER_WORDS:  # the answer restates the subject ("The star is red."): the one colour / kind named
+        said = [w for w in re.findall(r"[a-z]+", normalize(reply)) if w in ANSWER_WORDS[task]]
+        return float(said == [truth["answer"]])
     return float(normalize(reply) == normalize(truth["answer"]))
 
 
