@@ -498,8 +498,8 @@ def test_gen1_tiktoken_builds_and_round_trips(tmp_path):
 
 def test_colour_and_shape_answers_put_the_asked_word_right_before_the_answer_word():
     """The answer restates what the question names, immediately before the word it asks for ("The star red.",
-    "A red star."): the token that predicts the answer is the key itself, so the decoder's look-up needs no hop
-    (docs/training_log.md, session 12). The score reads the one colour / kind the reply names."""
+    "A red star."): the token that predicts the answer is the key itself, so no head has to fetch it from the
+    question first (docs/training_log.md, session 12). The score reads the one colour / kind the reply names."""
     for seed in range(20):
         c = T.make_sample("color", seed, "2.5")
         shape = next(s for s in c.scene.shapes if s.color == c.truth["answer"] and f" {s.kind}" in c.qas[0].question)

@@ -156,10 +156,10 @@ def ask_caption(scene, rng, generation, sizes):
 
 
 # Colour and shape answers restate the word the question names *right before* the word it asks for ("The star
-# red.", "A red star."). The token that predicts the answer is then the key itself, and the decoder's look-up
-# is one attention step: query = that word, keys = the image tokens of that colour / kind. With a bare answer
-# (or "The star is red.", where "is" predicts the colour) the query must first be fetched from the question, a
-# two-step circuit the tiny decoder did not form: measured on two-shape scenes, docs/training_log.md (session 12).
+# red.", "A red star."). The token that predicts the answer is then the key itself, so the key and what the
+# image tokens carry meet at that one position. With a bare answer (or "The star is red.", where "is" predicts
+# the colour) the key must first be fetched from the question by another head, a two-step circuit the tiny
+# decoder did not form: measured on two-shape scenes, docs/training_log.md (session 12).
 def ask_color(scene, rng, generation, sizes):
     candidates = _unique(scene.shapes, lambda s: s.kind)
     if not candidates:
