@@ -1962,7 +1962,8 @@ def oracle(samples, p_right=0.6):
             out.append(str(int(s.answer) + 1))
         else:
             pool = {"color": list(T.COLORS), "shape": list(qvl.data.KINDS)}.get(s.task, ["something else"])
-            out.append(next(x for x in rng.permutation(pool) if T.normalize(x) != T.normalize(s.answer)))
+            wrong = next(x for x in rng.permutation(pool) if x != s.truth["answer"])
+            out.append(s.answer.replace(s.truth["answer"], wrong))  # "The star red." -> "The star blue."
     return out
 
 qs_big = dpo.questions("2.5", 4 * N_Q, start=S.get("rs-sft").seed_offset, tasks=IMAGE_ONLY)
@@ -2324,9 +2325,9 @@ def rules(d):
         raw = [c for _, kind, c in grounding.parse_raw(a, "2.5") if kind == "box"]     # as written: resized pixels
         r["box inside image"] = bool(raw) and all(0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H for x1, y1, x2, y2 in raw)
     elif task == "color":
-        r["parses"] = T.normalize(a) in COLORS
+        r["parses"] = sum(w in COLORS for w in T.normalize(a).split()) == 1   # names one colour: "The star red."
     elif task == "shape":
-        r["parses"] = T.normalize(a) in KINDS
+        r["parses"] = sum(w in KINDS for w in T.normalize(a).split()) == 1    # names one kind: "A red star."
     elif task == "count":
         r["parses"] = T.normalize(a).isdigit()
     elif task == "refer":
