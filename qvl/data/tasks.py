@@ -423,7 +423,8 @@ ANSWER_WORDS = {"color": frozenset(COLORS), "shape": frozenset(KINDS)}
 
 
 def score(task: str, reply: str, truth: dict) -> float:
-    """1.0 / 0.0 for exact-answer tasks and "when" (within WHEN_TOLERANCE_S); IoU in [0, 1] for grounding
+    """1.0 / 0.0 for exact-answer tasks (colour and shape: the reply names the right colour / kind and no other),
+    and "when" (within WHEN_TOLERANCE_S); IoU in [0, 1] for grounding
     (the first box of the reply, read with the generation's own convention)."""
     if task == "ground":
         boxes = [b for b in grounding.parse(reply, truth["generation"], original_size=truth["original_size"],
@@ -432,7 +433,7 @@ def score(task: str, reply: str, truth: dict) -> float:
     if task == "video_when":
         m = _NUMBER.search(reply)
         return float(m is not None and abs(float(m.group()) - truth["time"]) <= WHEN_TOLERANCE_S)
-    if task in ANSWER_WORDS:  # the answer restates the subject ("The star is red."): the one colour / kind named
+    if task in ANSWER_WORDS:  # "The star red." / "A red star." (or a bare word): the one colour / kind it names
         said = [w for w in re.findall(r"[a-z]+", normalize(reply)) if w in ANSWER_WORDS[task]]
         return float(said == [truth["answer"]])
     return float(normalize(reply) == normalize(truth["answer"]))
