@@ -2325,9 +2325,9 @@ def rules(d):
         raw = [c for _, kind, c in grounding.parse_raw(a, "2.5") if kind == "box"]     # as written: resized pixels
         r["box inside image"] = bool(raw) and all(0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H for x1, y1, x2, y2 in raw)
     elif task == "color":
-        r["parses"] = sum(w in COLORS for w in T.normalize(a).split()) == 1   # names one colour: "The star red."
+        r["parses"] = len(T.named("color", a)) == 1   # names one colour: "The star red."
     elif task == "shape":
-        r["parses"] = sum(w in KINDS for w in T.normalize(a).split()) == 1    # names one kind: "A red star."
+        r["parses"] = len(T.named("shape", a)) == 1   # names one kind: "A red star."
     elif task == "count":
         r["parses"] = T.normalize(a).isdigit()
     elif task == "refer":

@@ -82,7 +82,6 @@ def inspect(vlm, sample: T.Sample, bare: bool = False) -> dict:
     with torch.inference_mode():
         new = [int(t[0]) for t in token_steps(vlm.model, batch, 4, stop_ids=vlm.stop_ids, pad_id=vlm.pad_id,
                                               capture=cap)]
-    words = re.findall(r"[a-z]+", vlm.decode(new).lower())
     owner = torch.from_numpy(shape_tokens(sample, item))
     ids = batch.input_ids[0].tolist()
     key_ids = set(vlm.tokenizer.encode(" " + key)) | set(vlm.tokenizer.encode(key))
@@ -95,7 +94,7 @@ def inspect(vlm, sample: T.Sample, bare: bool = False) -> dict:
         others = [on(j) for j in range(len(sample.scene.shapes)) if j != target and (owner == j).any()]
         ratio = on(target) / torch.stack(others).mean(0).clamp_min(1e-9) if others and (owner == target).any() else None
         rows[layer] = {"image": img.sum(1), "key": a[:, key_pos].sum(1), "ratio": ratio}
-    return {"right": bool(words) and words[0] == sample.truth["answer"], "shapes": len(sample.scene.shapes),
+    return {"right": T.score(sample.task, vlm.decode(new), sample.truth) == 1.0, "shapes": len(sample.scene.shapes),
             "rows": rows}
 
 
@@ -105,7 +104,7 @@ def check(model_dir, task: str, n: int, bare: bool = False) -> dict:
     vlm = qvl.load(model_dir_of(model_dir))
     if vlm.generation == "1":
         raise SystemExit(f"{model_dir}: gen 1 has no token grid to map shapes onto (its resampler mixes them)")
-    found = collections.defaultdict(list)
+    found = {what: collections.defaultdict(list) for what in ("image", "key", "ratio")}  # what -> layer -> [per head]
     by_count = collections.defaultdict(list)
     for sample in T.eval_samples(task, vlm.generation, n):
         if len(sample.scene.shapes) < 2:
@@ -113,14 +112,13 @@ def check(model_dir, task: str, n: int, bare: bool = False) -> dict:
         got = inspect(vlm, sample, bare)
         by_count[got["shapes"]].append(got["right"])
         for layer, r in got["rows"].items():
-            for what in ("image", "key", "ratio"):
+            for what, per_layer in found.items():
                 if r[what] is not None:
-                    found[(layer, what)].append(r[what])
-    heads = {k: torch.stack(v) for k, v in found.items()}
+                    per_layer[layer].append(r[what])
+    summary = {"image": lambda x: x.mean(0), "key": lambda x: x.mean(0), "ratio": lambda x: x.median(0).values}
     return {"accuracy": {k: (sum(v), len(v)) for k, v in sorted(by_count.items())},
-            "image": {l: heads[(l, "image")].mean(0).tolist() for l, _ in heads if _ == "image"},
-            "key": {l: heads[(l, "key")].mean(0).tolist() for l, _ in heads if _ == "key"},
-            "ratio": {l: heads[(l, "ratio")].median(0).values.tolist() for l, _ in heads if _ == "ratio"}}
+            **{what: {layer: summary[what](torch.stack(v)).tolist() for layer, v in per_layer.items()}
+               for what, per_layer in found.items()}}
 
 
 def main(argv=None) -> int:

@@ -422,6 +422,11 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 ANSWER_WORDS = {"color": frozenset(COLORS), "shape": frozenset(KINDS)}
 
 
+def named(task: str, reply: str) -> list[str]:
+    """The colours (task "color") or kinds ("shape") a reply names, in order: "The star red." -> ["red"]."""
+    return [w for w in re.findall(r"[a-z]+", normalize(reply)) if w in ANSWER_WORDS[task]]
+
+
 def score(task: str, reply: str, truth: dict) -> float:
     """1.0 / 0.0 for exact-answer tasks (colour and shape: the reply names the right colour / kind and no other),
     and "when" (within WHEN_TOLERANCE_S); IoU in [0, 1] for grounding
@@ -434,11 +439,10 @@ def score(task: str, reply: str, truth: dict) -> float:
         m = _NUMBER.search(reply)
         return float(m is not None and abs(float(m.group()) - truth["time"]) <= WHEN_TOLERANCE_S)
     if task in ANSWER_WORDS:  # "The star red." / "A red star." (or a bare word): the one colour / kind it names
-        said = [w for w in re.findall(r"[a-z]+", normalize(reply)) if w in ANSWER_WORDS[task]]
-        return float(said == [truth["answer"]])
+        return float(named(task, reply) == [truth["answer"]])
     return float(normalize(reply) == normalize(truth["answer"]))
 
 
 __all__ = ["TASKS", "IMAGE_TASKS", "VIDEO_TASKS", "DEFAULT_MIX", "SPLITS", "DataConfig", "QA", "Sample",
            "make_sample", "iterate", "eval_samples", "task_weights", "split_of", "score", "iou", "normalize",
-           "caption_text", "image_sizes"]
+           "caption_text", "image_sizes", "named"]
