@@ -12,7 +12,7 @@ from qvl.data import tasks as T
 from qvl.train import dpo
 from qvl.train import stages as S
 from qvl.train import tiny
-from qvl.train.batching import Collator
+from qvl.train.batching import IGNORE, Collator
 
 from test_train import micro_model, small, tok_dir  # noqa: F401  (fixture)
 
@@ -56,6 +56,14 @@ def test_dpo_loss_equals_a_direct_computation(tok_dir):
         direct.append(-F.logsigmoid(beta * (lw - ll)))
     assert loss.item() == pytest.approx(torch.stack(direct).mean().item(), rel=1e-4, abs=1e-5)
     assert 0.0 <= metrics["reward_acc"].item() <= 1.0
+    # + the chosen answers' per-token NLL (their tokens: the answer and <|im_end|>), as the dpo stage trains
+    lengths = (batch["labels"] != IGNORE).sum(1)
+    loss_nll, m = dpo.dpo_loss(dpo.sequence_logps(policy, batch), dpo.sequence_logps(ref, batch), beta, lengths, 0.5)
+    nll = [-_answer_logp(policy, None, s, yw, tok) / (len(tok.encode(yw)) + 1) for s, yw in zip(samples, chosen)]
+    want = torch.stack(direct).mean() + 0.5 * torch.stack(nll).mean()
+    assert loss_nll.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
+    assert m["chosen_nll"].item() == pytest.approx(torch.stack(nll).mean().item(), rel=1e-4)
+    assert S.get("dpo").nll_weight > 0
 
 
 def test_rejection_sampling_accepts_only_correct_answers():
@@ -94,7 +102,8 @@ def test_dpo_stage_starts_at_zero_margin_against_the_frozen_reference_and_grows_
 
     rows = list(csv.DictReader(open(tmp_path / "dpo" / "loss.csv")))
     assert summary["steps"] == 4 and all("margin" in r and "reward_acc" in r for r in rows)
-    # first step: policy == reference, so the margin is exactly 0 and the loss log 2
+    # first step: policy == reference, so the margin is exactly 0 and the DPO part of the loss log 2
     assert float(rows[0]["margin"]) == pytest.approx(0.0, abs=1e-5)
-    assert float(rows[0]["loss"]) == pytest.approx(0.6931, abs=1e-3)
+    nll = float(rows[0]["chosen_nll"])
+    assert nll > 0 and float(rows[0]["loss"]) == pytest.approx(0.6931 + stage.nll_weight * nll, abs=1e-3)
     assert float(rows[-1]["margin"]) > 0

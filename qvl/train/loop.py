@@ -190,7 +190,8 @@ class TrainModule(nn.Module):
             policy = sequence_logps(self.model, batch)
             with torch.no_grad():
                 ref = sequence_logps(self._ref[0], batch)
-            return dpo_loss(policy, ref, self.stage.beta)
+            lengths = (batch["labels"] != IGNORE).sum(1)
+            return dpo_loss(policy, ref, self.stage.beta, lengths, self.stage.nll_weight)
         model, stage = self.model, self.stage
         feats: list[torch.Tensor] = []
         patch_feats: list[torch.Tensor] = []

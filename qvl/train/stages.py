@@ -62,6 +62,7 @@ class Stage:
     weight_decay: float = 0.1
     seed_offset: int = 0
     beta: float = 0.1  # DPO temperature
+    nll_weight: float = 0.0  # DPO: + this x the chosen answers' per-token NLL (qvl.train.dpo.dpo_loss)
     max_turns_eval: int = 1
     bucket: int = 8  # length bucketing: sort the samples of this many steps by length (qvl.train.loop.StageData)
     relist: float = 0.0  # drills: share of scene samples turned into look-up-and-copy drills (`relist`)
@@ -132,7 +133,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           seed_offset=50_000_000, batch_size=16),
     Stage("rs-sft", train=("adapter", "llm"), source="records", loss="assistant", lr=1e-4,
           seed_offset=60_000_000, batch_size=16),
-    Stage("dpo", train=("adapter", "llm"), source="records", loss="dpo", lr=2e-5, beta=0.1, warmup=0.1,
+    Stage("dpo", train=("adapter", "llm"), source="records", loss="dpo", lr=2e-5, beta=0.1, nll_weight=1.0, warmup=0.1,
           seed_offset=70_000_000, batch_size=8, weight_decay=0.0),
 )}
 ORDER = ("vision-pretrain", "lm-colour", "lm-shape", "lm-box", "lm-pretrain", "stage1", "stage2", "stage3", "rs-sft", "dpo")
