@@ -133,8 +133,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           seed_offset=50_000_000, batch_size=16),
     Stage("rs-sft", train=("adapter", "llm"), source="records", loss="assistant", lr=1e-4,
           seed_offset=60_000_000, batch_size=16),
-    Stage("dpo", train=("adapter", "llm"), source="records", loss="dpo", lr=2e-5, beta=0.1, nll_weight=1.0, warmup=0.1,
-          seed_offset=70_000_000, batch_size=8, weight_decay=0.0),
+    # nll_weight: plain DPO lowered the chosen answers too and broke gen 2.5's box format (session 13)
+    Stage("dpo", train=("adapter", "llm"), source="records", loss="dpo", lr=2e-5, beta=0.1, nll_weight=1.0,
+          warmup=0.1, seed_offset=70_000_000, batch_size=8, weight_decay=0.0),
 )}
 ORDER = ("vision-pretrain", "lm-colour", "lm-shape", "lm-box", "lm-pretrain", "stage1", "stage2", "stage3", "rs-sft", "dpo")
 
