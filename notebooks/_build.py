@@ -2060,8 +2060,8 @@ adapter + LLM train. The recipe's stage also adds `nll_weight` × the chosen ans
 log-likelihood to the loss ("RPO", Pang et al. 2024): plain DPO only needs chosen to gain on rejected and
 can lower both — in a full gen-2.5 run it lowered the chosen answers by 2–3 nats and two thirds of the boxes
 lost their format (docs/training_log.md, session 13). The margins below are DPO's own term. The recipe's
-learning rate (2e-5) is tuned for thousands of pairs; for a handful of steps we pass a larger one. Then the margin β·(chosen log-ratio − rejected log-ratio) and the pair accuracy
-(margin > 0) are measured on the training pairs and on held-out pairs, and the loss is checked once more —
+learning rate (2e-5) is tuned for thousands of pairs; for a handful of steps we pass a larger one. Then the
+margin β·(chosen log-ratio − rejected log-ratio) and the pair accuracy (margin > 0) are measured on the training pairs and on held-out pairs, and the loss is checked once more —
 now with policy ≠ reference.
 '''),
 ("code", r'''
