@@ -6,6 +6,9 @@ colour is right, and whose predicted kind is right (chance 1 / 5). Session 10 fo
 at 42 % after vision-pretrain -- the decoder cannot copy a kind the vision tokens do not carry
 (docs/training_log.md). Heads with the per-shape readout (session 11) are also scored per shape: the kind
 named by the head's linear readout of the mean of each shape's tokens ("object_kind"; None for older heads).
+And per shape, where it is: the head's box read-out averaged over the shape's tokens, mean IoU with the true
+box ("box_iou"), next to a constant guess, the mean true box ("box_iou_const"). Session 14 found gen 2/2.5's
+tokens at the constant guess: a ViT with rotary positions only has no absolute position in its tokens.
 
     python scripts/dense_check.py runs/recipe/gen2.5/vision-pretrain runs/recipe/gen2.5/stage2 --n 64
 """
@@ -43,6 +46,20 @@ def object_kind_hits(logits: torch.Tensor, obj_cls: torch.Tensor) -> tuple[int, 
     return len(obj_cls), int((logits.argmax(-1) % k == obj_cls % k).sum())
 
 
+def shape_boxes(pred: torch.Tensor, box: torch.Tensor, obj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token predicted boxes [N, 4], target boxes [N, 4] (a token's shape's box) and batch shape index [N]
+    (-1 off shapes) -> (each shape's mean predicted box [S, 4], its true box [S, 4])."""
+    shapes = [s for s in obj.unique().tolist() if s >= 0]
+    if not shapes:
+        return pred.new_zeros(0, 4), box.new_zeros(0, 4)
+    return (torch.stack([pred[obj == s].mean(0) for s in shapes]),
+            torch.stack([box[obj == s][0] for s in shapes]))
+
+
+def mean_iou(pred: torch.Tensor, true: torch.Tensor) -> float:
+    return sum(T.iou(p.tolist(), t.tolist()) for p, t in zip(pred, true)) / max(len(true), 1)
+
+
 def check(stage_dir, n: int = 64, batch: int = 8) -> dict:
     """{"tokens", "colour", "kind"} for a stage directory holding model/ and the dense head."""
     stage_dir = Path(stage_dir)
@@ -61,6 +78,7 @@ def check(stage_dir, n: int = 64, batch: int = 8) -> dict:
     # count questions draw the fullest scenes; vision-pretrain's resolution, held-out seeds
     samples = T.eval_samples("count", g, n, S.get("vision-pretrain").data_config())
     tokens = colour = kind = shapes = shape_kind = 0
+    pred_boxes, true_boxes = [], []
     for i in range(0, n, batch):
         b = coll(samples[i:i + batch])
         feats: list[torch.Tensor] = []
@@ -69,7 +87,11 @@ def check(stage_dir, n: int = 64, batch: int = 8) -> dict:
             with torch.no_grad():
                 run_vision(model, embed_kwargs(b["vision"]))
                 normed = head.trunk[0](feats[0].flatten(0, -2).float())
-                logits = head.cls(head.trunk[1:](normed))
+                h = head.trunk[1:](normed)
+                logits = head.cls(h)
+                p, t = shape_boxes(torch.sigmoid(head.box(h)), b["dense_box"], b["dense_obj"])
+                pred_boxes.append(p)
+                true_boxes.append(t)
                 pooled, seen = pool_objects(normed, b["dense_obj"], len(b["dense_obj_cls"]))
                 obj_logits = head.obj(pooled)
         finally:
@@ -78,8 +100,11 @@ def check(stage_dir, n: int = 64, batch: int = 8) -> dict:
         tokens, colour, kind = tokens + t, colour + c, kind + k
         s, sk = object_kind_hits(obj_logits, b["dense_obj_cls"][seen])
         shapes, shape_kind = shapes + s, shape_kind + sk
+    pred, true = torch.cat(pred_boxes), torch.cat(true_boxes)
     return {"tokens": tokens, "colour": round(colour / max(tokens, 1), 3), "kind": round(kind / max(tokens, 1), 3),
-            "shapes": shapes, "object_kind": round(shape_kind / max(shapes, 1), 3) if per_shape else None}
+            "shapes": shapes, "object_kind": round(shape_kind / max(shapes, 1), 3) if per_shape else None,
+            "box_iou": round(mean_iou(pred, true), 3),
+            "box_iou_const": round(mean_iou(true.mean(0, keepdim=True).expand_as(true), true), 3)}
 
 
 def main(argv=None) -> int:

@@ -49,6 +49,20 @@ def test_object_kind_counts_the_kind_whatever_the_colour():
     assert dc.object_kind_hits(logits, obj_cls) == (3, 2)
 
 
+def test_shape_boxes_average_each_shapes_tokens_and_score_iou():
+    # two shapes: tokens 1-2 belong to shape 0, token 3 to shape 1; tokens 0 and 4 are background / text
+    obj = torch.tensor([-1, 0, 0, 1, -1])
+    box = torch.tensor([[0.0, 0, 0, 0], [0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0, 1, 1]])
+    pred = torch.tensor([[0.9, 0.9, 1.0, 1.0], [0.0, 0.0, 0.4, 0.5], [0.0, 0.0, 0.6, 0.5], [0.5, 0.5, 1.0, 0.75],
+                         [0.0, 0.0, 1.0, 1.0]])
+    p, t = dc.shape_boxes(pred, box, obj)
+    assert torch.allclose(p, torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 0.75]]))
+    assert torch.equal(t, torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]))
+    # shape 0 exact (IoU 1), shape 1 covers half of its box (IoU 0.5)
+    assert dc.mean_iou(p, t) == pytest.approx(0.75)
+    assert dc.shape_boxes(pred, box, torch.full((5,), -1))[0].shape == (0, 4)
+
+
 def test_check_scores_a_stage_and_refuses_one_without_a_head(tok_dir, tmp_path):  # noqa: F811
     model, _ = micro_model("2.5", tok_dir)
     tiny.save_model(model, tmp_path / "stage" / "model", tok_dir)
@@ -61,6 +75,7 @@ def test_check_scores_a_stage_and_refuses_one_without_a_head(tok_dir, tmp_path):
     out = dc.check(tmp_path / "stage", n=4, batch=2)
     assert out["tokens"] > 0 and 0.0 <= out["colour"] <= 1.0 and 0.0 <= out["kind"] <= 1.0
     assert out["shapes"] > 0 and 0.0 <= out["object_kind"] <= 1.0
+    assert 0.0 <= out["box_iou"] <= 1.0 and 0.0 < out["box_iou_const"] <= 1.0
     # a head saved before the per-shape readout existed: scored per token, "object_kind" None
     save_file({k: v.contiguous() for k, v in head.state_dict().items() if not k.startswith("obj.")},
               str(tmp_path / "stage" / HEAD_FILE))
