@@ -653,9 +653,11 @@ session 6): column accuracy after 250 / 500 / 1 000 steps is 51 / 83 / 88 % at t
 the tiny models' 10 000, and 17 / 20 / 28 % at the 7B's 1 000 000 — no better than with *no* spatial ids at
 all (15 / 20 / 27 %, every frequency on t). So a small decoder can read columns at theta 10 000, a few hundred
 steps later than rows; at a million it has to find another way (large models do, with scale). The shipped
-tiny models have not learned it within their budget: a linear probe reads an image token's row from their
-hidden states (R² ≈ 0.5 after one layer) but not its column (R² ≤ 0.07). Qwen3-VL changed the layout to
-*interleaved* frequencies (t, h, w, t, h, w, …; `shared/reference/qwen2_qwen25_qwen3_vl.md`), which gives
+tiny models have not learned it within their budget: a linear probe reads an image token's row from the 2.5
+model's hidden states (R² 0.25 after the first layer, 0.6 after the last) but not its column (R² ≤ 0.03;
+`scripts/position_probe.py`), and its vision tokens carry no position of their own either
+(`scripts/dense_check.py`, `docs/training_log.md` session 14) — so its boxes miss. Qwen3-VL changed the layout
+to *interleaved* frequencies (t, h, w, t, h, w, …; `shared/reference/qwen2_qwen25_qwen3_vl.md`), which gives
 every axis fast and slow ones; qvl implements Qwen-VL to Qwen2.5-VL only.
 '''),
 ("md", r'''
