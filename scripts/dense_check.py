@@ -61,7 +61,8 @@ def mean_iou(pred: torch.Tensor, true: torch.Tensor) -> float:
 
 
 def check(stage_dir, n: int = 64, batch: int = 8) -> dict:
-    """{"tokens", "colour", "kind"} for a stage directory holding model/ and the dense head."""
+    """{"tokens", "colour", "kind", "shapes", "object_kind", "box_iou", "box_iou_const"} for a stage directory
+    holding model/ and the dense head."""
     stage_dir = Path(stage_dir)
     if not (stage_dir / HEAD_FILE).exists():
         raise SystemExit(f"{stage_dir}: no {HEAD_FILE} (only dense stages and those after them keep one)")
@@ -89,9 +90,9 @@ def check(stage_dir, n: int = 64, batch: int = 8) -> dict:
                 normed = head.trunk[0](feats[0].flatten(0, -2).float())
                 h = head.trunk[1:](normed)
                 logits = head.cls(h)
-                p, t = shape_boxes(torch.sigmoid(head.box(h)), b["dense_box"], b["dense_obj"])
-                pred_boxes.append(p)
-                true_boxes.append(t)
+                shape_pred, shape_true = shape_boxes(torch.sigmoid(head.box(h)), b["dense_box"], b["dense_obj"])
+                pred_boxes.append(shape_pred)
+                true_boxes.append(shape_true)
                 pooled, seen = pool_objects(normed, b["dense_obj"], len(b["dense_obj_cls"]))
                 obj_logits = head.obj(pooled)
         finally:
