@@ -103,3 +103,34 @@ def test_position_probe_runs_on_a_tiny_model(tmp_path, tok_dir, capsys):
     assert set(out["r2_row_column"]) >= {"input", "0"}
     assert all(len(v) == 2 for v in out["r2_row_column"].values())
     assert out["one_shape_boxes"]["n"] >= 1
+
+
+dp = _load("decoder_position_check")
+
+
+def test_image_token_rows_and_columns_follow_the_merged_grid(tok_dir):  # noqa: F811
+    """The targets read from the M-RoPE ids equal the row-major (row, column) of each image's merged grid,
+    computed here from image_grid_thw alone."""
+    from qvl.data import tasks as T
+    from qvl.train.batching import Collator
+
+    tok = tiny.load_tokenizer("2.5", tok_dir)
+    model = tiny.new_model("2.5", tok, decoder=MICRO_DECODER, vision=MICRO_VISION)
+    coll = Collator("2.5", tok, model.config, loss="assistant")
+    samples = [T.make_sample(t, s, "2.5") for t, s in (("ground", 1), ("color", 2), ("count", 3))]
+    b = coll(samples)
+    expected = []
+    for _, h, w in b["vision"]["image_grid_thw"].tolist():
+        rows, cols = h // 2, w // 2  # the 2x2 merge
+        expected += [[i // cols, i % cols] for i in range(rows * cols)]
+    got = dp.image_token_rc(b["input_ids"], b["positions"], model.config.image_token_id)
+    assert got.tolist() == expected
+    assert len({c for _, c in expected}) > 2  # several columns, so a swapped axis would fail
+
+
+def test_decoder_position_check_trains_and_saves(tmp_path, tok_dir):  # noqa: F811
+    tok = tiny.load_tokenizer("2.5", tok_dir)
+    tiny.save_model(tiny.new_model("2.5", tok, decoder=MICRO_DECODER, vision=MICRO_VISION), tmp_path / "m", tok_dir)
+    last = dp.run(tmp_path / "m", tmp_path / "out", steps=2, batch=2, layer=0)
+    assert np.isfinite(last["lm_loss"]) and last["aux_mse"] > 0
+    assert (tmp_path / "out" / "model" / "config.json").is_file()

@@ -1,0 +1,107 @@
+"""Can the decoder be taught each image token's column? A focused run with an auxiliary position loss.
+
+Gen 2/2.5 vision tokens carry no absolute position (`scripts/dense_check.py`, box_iou) and the shipped tiny
+decoders read a token's row but not its column (`scripts/position_probe.py`). This run asks for the column
+directly: from a gen 2 / 2.5 model, N steps of stage-2-like training (ground 50 %, colour 25 %, shape 25 %; ViT
+frozen; lr cosine) plus an auxiliary loss -- a linear head on decoder layer L's output at every image token
+predicts the token's (row, column) / 16, MSE, weight W. The targets are read from the batch's M-RoPE ids (an
+image token's ids are (t, t + row, t + column)). Afterwards run position_probe.py on OUT/model.
+docs/training_log.md, session 14: at theta 10^4 the loss raises the row R² and not the column's (<= 0.06); at
+theta 100 the column enters the decoder from layer 1 on (R² 0.40-0.45).
+
+    python scripts/decoder_position_check.py runs/recipe/gen2.5/stage2 runs/poscheck --aux 1.0 --layer 1
+    python scripts/position_probe.py runs/poscheck/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MIX = {"ground": 0.5, "color": 0.25, "shape": 0.25}
+SCALE = 16.0  # targets are (row, column) / SCALE: about [0, 1] on stage-2 images (<= 16 merged tokens a side)
+
+
+def image_token_rc(input_ids: torch.Tensor, positions: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """input_ids [B, T], M-RoPE positions [3, B, T] -> (row, column) of every image token [N, 2], in the order
+    of `input_ids[input_ids == image_token_id]`. An image's tokens share one t id, the running position where
+    the image starts; its h and w ids add the token's row and column to it (qvl.positions)."""
+    img = input_ids == image_token_id
+    return torch.stack([(positions[1] - positions[0])[img], (positions[2] - positions[0])[img]], -1)
+
+
+def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float = 3e-4, batch: int = 16,
+        start: int = 7_000_000, log_every: int = 25) -> dict:
+    """Train and save OUT/model -> {"lm_loss", "aux_mse"} of the last step."""
+    from qvl.data import tasks as T
+    from qvl.train import stages as S
+    from qvl.train import tiny
+    from qvl.train.batching import Collator, embed_kwargs
+    from qvl.train.loop import labelled_lm_loss, model_dir_of
+
+    torch.manual_seed(0)
+    mdir = model_dir_of(init)
+    model = tiny.load_model(mdir).train()
+    g = model.generation
+    if g == "1":
+        raise SystemExit("gen 1 has no M-RoPE grid ids (its 64 resampler tokens are one 1-D run): use gen 2 or 2.5")
+    coll = Collator(g, tiny.load_tokenizer(g, mdir), model.config, loss="assistant")
+    model.visual.requires_grad_(False)
+    head = nn.Linear(model.config.text.hidden_size, 2)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    stream = T.iterate(g, "train", mix=MIX, config=S.get("stage2").data_config(), start=start)
+    grabbed: list[torch.Tensor] = []
+    hook = model.model.layers[layer].register_forward_hook(
+        lambda m, args, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
+    t0, last = time.time(), {}
+    try:
+        for step in range(steps):
+            warm = min(1.0, (step + 1) / max(1, steps // 20))
+            for group in opt.param_groups:  # cosine to a tenth, after a short warm-up
+                group["lr"] = lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+            b = coll([next(stream) for _ in range(batch)])
+            grabbed.clear()
+            embeds = model.embed(b["input_ids"], **embed_kwargs(b["vision"]))
+            lm = labelled_lm_loss(model, embeds, b["positions"], b["labels"])
+            target = image_token_rc(b["input_ids"], b["positions"], model.config.image_token_id).float() / SCALE
+            img = b["input_ids"] == model.config.image_token_id
+            mse = F.mse_loss(head(grabbed[0][img].float()), target) if len(target) else lm * 0.0
+            opt.zero_grad()
+            (lm + aux * mse).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            last = {"lm_loss": round(lm.item(), 4), "aux_mse": round(mse.item(), 4)}
+            if step % log_every == 0 or step == steps - 1:
+                print(f"step {step} lm {last['lm_loss']:.3f} aux {last['aux_mse']:.4f} ({time.time() - t0:.0f} s)",
+                      flush=True)
+    finally:
+        hook.remove()
+    tiny.save_model(model.eval(), Path(out) / "model", mdir)
+    return last
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("init", help="gen 2 / 2.5 model or stage directory to start from")
+    ap.add_argument("out")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--aux", type=float, default=1.0, help="weight of the position loss (0: the control run)")
+    ap.add_argument("--layer", type=int, default=1, help="decoder layer whose output predicts (row, column)")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--batch", type=int, default=16)
+    a = ap.parse_args(argv)
+    if a.steps < 1 or a.batch < 1 or a.aux < 0:
+        ap.error("--steps and --batch must be >= 1 and --aux >= 0")
+    print(run(a.init, a.out, a.steps, a.aux, a.layer, a.lr, a.batch), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
