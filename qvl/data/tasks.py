@@ -187,7 +187,8 @@ COUNT_PRESENT = 0.75
 def ask_count(scene, rng, generation, sizes):
     mode = _pick(rng, ("all", "kind", "color"))
     if mode == "all":
-        return QA("count", "How many shapes are there?", str(len(scene.shapes)), {"answer": str(len(scene.shapes))})
+        n = str(len(scene.shapes))
+        return QA("count", "How many shapes are there?", n, {"answer": n})
     attr, names = ("kind", sorted(PLURALS)) if mode == "kind" else ("color", list(COLORS))
     present = sorted({getattr(s, attr) for s in scene.shapes})
     pick = _pick(rng, present if present and rng.random() < COUNT_PRESENT else names)
