@@ -24,16 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qvl.train.loop import image_token_rc
+
 MIX = {"ground": 0.5, "color": 0.25, "shape": 0.25}
 SCALE = 16.0  # targets are (row, column) / SCALE: about [0, 1] on stage-2 images (<= 16 merged tokens a side)
-
-
-def image_token_rc(input_ids: torch.Tensor, positions: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """input_ids [B, T], M-RoPE positions [3, B, T] -> (row, column) of every image token [N, 2], in the order
-    of `input_ids[input_ids == image_token_id]`. An image's tokens share one t id, the running position where
-    the image starts; its h and w ids add the token's row and column to it (qvl.positions)."""
-    img = input_ids == image_token_id
-    return torch.stack([(positions[1] - positions[0])[img], (positions[2] - positions[0])[img]], -1)
 
 
 def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float = 3e-4, batch: int = 16,

@@ -113,6 +113,7 @@ def test_image_token_rows_and_columns_follow_the_merged_grid(tok_dir):  # noqa: 
     computed here from image_grid_thw alone."""
     from qvl.data import tasks as T
     from qvl.train.batching import Collator
+    from qvl.train.loop import image_token_rc
 
     tok = tiny.load_tokenizer("2.5", tok_dir)
     model = tiny.new_model("2.5", tok, decoder=MICRO_DECODER, vision=MICRO_VISION)
@@ -123,7 +124,7 @@ def test_image_token_rows_and_columns_follow_the_merged_grid(tok_dir):  # noqa: 
     for _, h, w in b["vision"]["image_grid_thw"].tolist():
         rows, cols = h // 2, w // 2  # the 2x2 merge
         expected += [[i // cols, i % cols] for i in range(rows * cols)]
-    got = dp.image_token_rc(b["input_ids"], b["positions"], model.config.image_token_id)
+    got = image_token_rc(b["input_ids"], b["positions"], model.config.image_token_id)
     assert got.tolist() == expected
     assert len({c for _, c in expected}) > 2  # several columns, so a swapped axis would fail
 

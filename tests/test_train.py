@@ -6,6 +6,7 @@ the whole file runs in well under a minute on 2 shared cores.
 
 from __future__ import annotations
 
+import csv
 import itertools
 from dataclasses import replace
 from pathlib import Path
@@ -549,7 +550,79 @@ def test_recipe_rejects_malformed_variant_flags_in_one_line():
     import sys
 
     for flag, value, says in (("--object-curriculum", "0.5", "--object-curriculum: expected F:N"),
-                              ("--rope-theta", "0", "--rope-theta must be > 1")):
+                              ("--rope-theta", "0", "--rope-theta must be > 1"),
+                              ("--position-loss", "-1", "--position-loss must be >= 0"),
+                              ("--position-layer", "8", "--position-layer must be in 0-7")):
         out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", flag, value], capture_output=True, text=True)
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert says in out.stderr.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# The decoder position loss (gens 2 / 2.5)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("generation", ["2", "2.5"])
+def test_position_loss_is_the_read_out_error_of_each_image_tokens_grid_cell(generation, tok_dir):
+    """The added term equals the MSE of the head's linear read-out of decoder layer L's output at every image
+    token against (row, column) / 16 -- the hidden states caught here by a hook of the test's own and the
+    cells counted from image_grid_thw (not from the M-RoPE ids the trainer reads)."""
+    from qvl.train.loop import PositionHead
+
+    model, tok = micro_model(generation, tok_dir)
+    on = small(S.get("stage2"), position_weight=0.5, position_layer=1)
+    batch = fixed_batch(on, generation, model, tok)
+    head, dense = PositionHead(model.config.text.hidden_size, 1), DenseHead.for_model(model)
+    caught = []
+    hook = model.model.layers[1].register_forward_hook(lambda m, a, o: caught.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        loss_on, metrics = TrainModule(model, on, dense, position_head=head)(batch)
+    hook.remove()
+    with torch.no_grad():
+        loss_off, _ = TrainModule(model, replace(on, position_weight=0.0), dense)(batch)
+    cells = []
+    for _, h, w in batch["vision"]["image_grid_thw"].tolist():
+        cols = w // 2  # the 2 x 2 merge
+        cells += [[i // cols, i % cols] for i in range(h // 2 * cols)]
+    img = batch["input_ids"] == model.config.image_token_id
+    assert int(img.sum()) == len(cells) > 4
+    pred = caught[0][img] @ head.proj.weight.T + head.proj.bias
+    expected = ((pred - torch.tensor(cells, dtype=torch.float) / 16) ** 2).mean()
+    assert torch.allclose(metrics["pos_mse"], expected, atol=1e-6)
+    assert torch.allclose(loss_on - loss_off, 0.5 * expected, atol=1e-5)
+
+
+def test_position_head_learns_and_travels_from_stage_2_to_stage_3(tok_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from qvl.train.loop import POSITION_HEAD_FILE
+
+    model, _ = micro_model("2.5", tok_dir)
+    init = tiny.save_model(model, tmp_path / "init", tok_dir)
+    s2 = small(S.get("stage2"), batch_size=2, position_weight=5.0, position_layer=0, lr=3e-3)
+    train(s2, "2.5", tmp_path / "s2", 40, init=init, workers=0, quiet=True)
+    mse = [float(r["pos_mse"]) for r in csv.DictReader(open(tmp_path / "s2" / "loss.csv")) if r.get("pos_mse")]
+    assert len(mse) >= 15 and sum(mse[-5:]) < 0.5 * sum(mse[:5]), mse
+    first = load_file(str(tmp_path / "s2" / POSITION_HEAD_FILE))
+    # stage 3 starts from stage 2's head (and trains it on); a stage without the loss carries it unchanged
+    s3 = small(S.get("stage3"), batch_size=2, position_weight=1.0, position_layer=0)
+    train(s3, "2.5", tmp_path / "s3", 4, init=tmp_path / "s2", workers=0, quiet=True)
+    state = torch.load(tmp_path / "s3" / "state.pt", weights_only=True)["module"]
+    assert any(not torch.equal(state[f"position_head.{k}"], v) for k, v in first.items())
+    train(small(S.get("stage3"), batch_size=2), "2.5", tmp_path / "plain", 2, init=tmp_path / "s3", workers=0,
+          quiet=True)
+    assert (load_file(str(tmp_path / "plain" / POSITION_HEAD_FILE))["proj.weight"]
+            == load_file(str(tmp_path / "s3" / POSITION_HEAD_FILE))["proj.weight"]).all()
+
+
+def test_position_loss_refuses_gen_1_and_a_missing_layer(tok_dir, tmp_path):
+    model, _ = micro_model("1", tok_dir)
+    init = tiny.save_model(model, tmp_path / "g1", tok_dir)
+    with pytest.raises(ValueError, match="gen 2 / 2.5"):
+        train(small(S.get("stage2"), position_weight=1.0), "1", tmp_path / "o1", 2, init=init, workers=0, quiet=True)
+    model, _ = micro_model("2.5", tok_dir)
+    init = tiny.save_model(model, tmp_path / "g25", tok_dir)
+    with pytest.raises(ValueError, match="layers 0-1"):
+        train(small(S.get("stage2"), position_weight=1.0, position_layer=2), "2.5", tmp_path / "o2", 2, init=init,
+              workers=0, quiet=True)

@@ -215,12 +215,22 @@ def recipe_main(argv) -> int:
                     help="decoder rotary base (default tiny.DECODER's 10^4; docs/training_log.md session 6)")
     ap.add_argument("--object-curriculum", default=None, metavar="F:N,...",
                     help="stage 2 draws at most N shapes per scene before fraction F of its samples, e.g. 0.25:1,0.5:2")
+    ap.add_argument("--position-loss", type=float, default=0.0, metavar="W",
+                    help="gens 2 / 2.5: weight of an auxiliary (row, column) read-out of the image tokens in stages 2 "
+                         "and 3 (loop.PositionHead; docs/training_log.md session 14); 0 = off")
+    ap.add_argument("--position-layer", type=int, default=1, help="decoder layer the --position-loss reads")
     _common(ap)
     a = ap.parse_args(argv)
+    if a.position_loss < 0:
+        ap.error(f"--position-loss must be >= 0, got {a.position_loss}")
+    from qvl.train import tiny
+
+    if not 0 <= a.position_layer < tiny.DECODER["layers"]:
+        ap.error(f"--position-layer must be in 0-{tiny.DECODER['layers'] - 1}, got {a.position_layer}")
     if a.rope_theta is not None and not a.rope_theta > 1:
         ap.error(f"--rope-theta must be > 1 (the rotary base), got {a.rope_theta}")
     decoder = {"rope_theta": a.rope_theta} if a.rope_theta else None
-    overrides = None
+    overrides = {}
     if a.object_curriculum:
         try:
             phases = tuple((float(f), int(n)) for f, n in (p.split(":") for p in a.object_curriculum.split(",")))
@@ -228,11 +238,19 @@ def recipe_main(argv) -> int:
             ap.error(f"--object-curriculum: expected F:N,... (e.g. 0.25:1,0.5:2), got {a.object_curriculum!r}")
         overrides = {"stage2": {"curriculum": tuple((f, {"max_objects": n}) for f, n in phases)}}
     gens = ["2.5", "2", "1"] if a.generation == "all" else [a.generation]
+
+    def for_generation(g: str) -> dict | None:
+        """The overrides for one generation: the position loss needs M-RoPE grid ids, so not gen 1."""
+        if not a.position_loss or g == "1":
+            return overrides or None
+        pos = {"position_weight": a.position_loss, "position_layer": a.position_layer}
+        return {**overrides, **{s: {**overrides.get(s, {}), **pos} for s in ("stage2", "stage3")}}
+
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     for g in gens:
         run_recipe(g, out, work, a.scale, a.device, a.workers, a.eval_n, dpo_eval_n=min(50, a.eval_n), seed=a.seed,
-                   fsdp=a.fsdp, probe_n=min(32, a.eval_n), decoder=decoder, stage_overrides=overrides)
+                   fsdp=a.fsdp, probe_n=min(32, a.eval_n), decoder=decoder, stage_overrides=for_generation(g))
     return 0
 
 

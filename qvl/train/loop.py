@@ -42,6 +42,7 @@ from qvl.train.batching import IGNORE, N_DENSE_CLASSES, N_LETTERS, Collator, emb
 
 STATE_FILE = "state.pt"
 HEAD_FILE = "dense_head.safetensors"
+POSITION_HEAD_FILE = "position_head.safetensors"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,6 +127,51 @@ class DenseHead(nn.Module):
         return loss, metrics
 
 
+# --------------------------------------------------------------------------------------------------
+# Decoder position head (an auxiliary loss for gens 2 / 2.5: each image token's row and column)
+# --------------------------------------------------------------------------------------------------
+
+
+def image_token_rc(input_ids: torch.Tensor, positions: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """input_ids [B, T], M-RoPE positions [3, B, T] -> (row, column) of every image token [N, 2], in the order
+    of `input_ids[input_ids == image_token_id]`. An image's tokens share one t id, the running position where
+    the image starts; its h and w ids add the token's row and column to it (qvl.positions)."""
+    img = input_ids == image_token_id
+    return torch.stack([(positions[1] - positions[0])[img], (positions[2] - positions[0])[img]], -1)
+
+
+class PositionHead(nn.Module):
+    """A linear read-out of (row, column) / 16 from decoder layer `layer`'s output at every image token, MSE.
+
+    Why: a gen 2 / 2.5 vision token holds no absolute position (its ViT has rotary positions only), and the
+    tiny decoders trained without this read a token's row (from the causal order) but never its column, so
+    their boxes stayed at a constant guess. M-RoPE gives the decoder the column, but only where the width
+    channels turn: at rope_theta 10^4 they turn 0.047 rad across 16 columns, at 100 about 0.9 rad. Measured
+    (scripts/decoder_position_check.py, docs/training_log.md session 14): this loss at theta 100 puts the
+    column into the residual stream from layer 1 on (probe R² 0.40-0.49; <= 0.06 at 10^4 or without it).
+    Training-only, like DenseHead: not part of the checkpoint."""
+
+    SCALE = 16.0  # about [0, 1] on stage-2 images (<= 16 merged tokens a side)
+
+    def __init__(self, hidden: int, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.proj = nn.Linear(hidden, 2)
+
+    def forward(self, hidden: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] at image tokens, rc [N, 2] their (row, column) -> MSE loss."""
+        return F.mse_loss(self.proj(hidden.float()), rc.float() / self.SCALE)
+
+
+def load_head(head: nn.Module | None, init, name: str) -> None:
+    """Load a training-only head from the init stage directory, where an earlier stage left one."""
+    file = Path(init) / name if init is not None else None
+    if head is not None and file is not None and file.exists():
+        from safetensors.torch import load_file
+
+        head.load_state_dict(load_file(str(file)))
+
+
 def vision_module(model: nn.Module) -> nn.Module:
     return model.transformer.visual if model.generation == "1" else model.visual
 
@@ -178,9 +224,10 @@ def labelled_lm_loss(model: nn.Module, embeds: torch.Tensor, positions: torch.Te
 class TrainModule(nn.Module):
     """Computes one stage's loss for a batch. DDP wraps this module, so every gradient flows through it."""
 
-    def __init__(self, model: nn.Module, stage: S.Stage, head: DenseHead | None = None, ref: nn.Module | None = None):
+    def __init__(self, model: nn.Module, stage: S.Stage, head: DenseHead | None = None, ref: nn.Module | None = None,
+                 position_head: PositionHead | None = None):
         super().__init__()
-        self.model, self.stage, self.head = model, stage, head
+        self.model, self.stage, self.head, self.position_head = model, stage, head, position_head
         self._ref = [ref]  # a list: the frozen reference is not a submodule (DDP must not sync or wrap it)
 
     def forward(self, batch: dict):
@@ -195,7 +242,11 @@ class TrainModule(nn.Module):
         model, stage = self.model, self.stage
         feats: list[torch.Tensor] = []
         patch_feats: list[torch.Tensor] = []
+        layer_out: list[torch.Tensor] = []
         hooks = []
+        if self.position_head is not None:
+            hooks.append(model.model.layers[self.position_head.layer].register_forward_hook(
+                lambda m, args, o: layer_out.append(o[0] if isinstance(o, tuple) else o)))
         if self.head is not None:
             hooks.append(vision_module(model).register_forward_hook(lambda m, i, o: feats.append(o)))
             if self.head.patch is not None:  # gen 1: the ViT output the resampler reads [N, g*g, width]
@@ -214,6 +265,15 @@ class TrainModule(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
+        if self.position_head is not None:
+            img = batch["input_ids"] == model.config.image_token_id
+            if layer_out and img.any():
+                rc = image_token_rc(batch["input_ids"], batch["positions"], model.config.image_token_id)
+                mse = self.position_head(layer_out[0][img], rc)
+                metrics["pos_mse"] = mse.detach()
+            else:  # no image in this batch: keep the head in the graph (DDP expects gradients)
+                mse = sum(0.0 * p.sum() for p in self.position_head.parameters())
+            loss = loss + stage.position_weight * mse
         if self.head is not None:
             weight = 1.0 if stage.loss == "dense" else stage.dense_weight
             if "dense_cls" in batch and feats:
@@ -542,14 +602,17 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
     if model.generation != generation:
         raise ValueError(f"init model is generation {model.generation}, asked for {generation}")
     tok = tiny.load_tokenizer(generation, tok_dir)
-    head = None
-    if stage.dense:
-        head = DenseHead.for_model(model)
-        head_file = Path(init) / HEAD_FILE if init is not None else None
-        if head_file is not None and head_file.exists():
-            from safetensors.torch import load_file
-
-            head.load_state_dict(load_file(str(head_file)))
+    head = DenseHead.for_model(model) if stage.dense else None
+    load_head(head, init, HEAD_FILE)
+    position_head = None
+    if stage.position_weight > 0:
+        n_layers = model.config.text.num_hidden_layers
+        if generation == "1" or not stage.lm:
+            raise ValueError("the position loss needs a decoder run with M-RoPE grid ids: gen 2 / 2.5, an LM stage")
+        if not 0 <= stage.position_layer < n_layers:
+            raise ValueError(f"position_layer {stage.position_layer}: the decoder has layers 0-{n_layers - 1}")
+        position_head = PositionHead(model.config.text.hidden_size, stage.position_layer)
+        load_head(position_head, init, POSITION_HEAD_FILE)
     ref = None
     if stage.loss == "dpo":
         ref = copy.deepcopy(model).eval()
@@ -559,7 +622,7 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
     trainable = set_trainable(model, stage.train)
     if head is not None:
         head.requires_grad_(stage.loss == "dense" or "vision" in stage.train or "adapter" in stage.train)
-    module = TrainModule(model, stage, head, ref).to(dev)
+    module = TrainModule(model, stage, head, ref, position_head).to(dev)
 
     # ---- steps
     B = batch_size or stage.batch_size
@@ -648,7 +711,7 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
                "grad_norm": float(gnorm), "samples_per_s": round(sps, 2)}
         row.update({k: float(v) for k, v in metrics.items()})
         log.append(row)
-        extra = "".join(f" | {k} {float(v):.3f}" for k, v in metrics.items() if k in ("dense_acc", "obj_acc", "kind_acc", "letter_acc", "patch_obj_acc", "reward_acc", "margin"))
+        extra = "".join(f" | {k} {float(v):.3f}" for k, v in metrics.items() if k in ("dense_acc", "obj_acc", "kind_acc", "letter_acc", "patch_obj_acc", "reward_acc", "margin", "pos_mse"))
         progress.update(step + 1, (step + 1) * per_step, sps, float(loss), row["lr"], extra, force=step + 1 == end)
         if now - t_window > 30:
             t_window, n_window = now, 0
@@ -664,12 +727,13 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
                "trainable": trainable, "world": d.world}
     if d.main and step >= total:
         tiny.save_model(model, out / "model", tok_dir)
-        if head is not None:
-            from safetensors.torch import save_file
+        for h, name in ((head, HEAD_FILE), (position_head, POSITION_HEAD_FILE)):
+            if h is not None:
+                from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_FILE))
-        elif init is not None and (Path(init) / HEAD_FILE).exists():  # carry the head on to later stages
-            shutil.copy(Path(init) / HEAD_FILE, out / HEAD_FILE)
+                save_file({k: v.contiguous() for k, v in h.state_dict().items()}, str(out / name))
+            elif init is not None and (Path(init) / name).exists():  # carry the head on to later stages
+                shutil.copy(Path(init) / name, out / name)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if d.world > 1:
         dist.barrier()

@@ -53,6 +53,10 @@ class Stage:
     loss: str = "text"  # "text" | "assistant" | "dense" (vision only) | "dpo"
     weighting: str = "token"  # how the LM loss averages target tokens: "token" | "answer" | "sqrt" (batching.WEIGHTINGS)
     dense_weight: float = 0.0  # weight of the dense vision loss next to the LM loss
+    # weight of the decoder's (row, column) read-out at image tokens, from layer `position_layer`'s output
+    # (gens 2 / 2.5; qvl.train.loop.PositionHead says why); the recipe's --position-loss sets it
+    position_weight: float = 0.0
+    position_layer: int = 1
     gen1_image_size: int | None = None  # Qwen-VL's fixed input size for this stage (None = the model's)
     lr: float = 1e-3
     vision_lr_scale: float = 1.0  # the notes: "a higher learning rate for the vision side" is a lever
