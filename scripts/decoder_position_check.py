@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ SCALE = 16.0  # targets are (row, column) / SCALE: about [0, 1] on stage-2 image
 
 
 def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float = 3e-4, batch: int = 16,
-        start: int = 7_000_000, log_every: int = 25) -> dict:
+        start: int = 7_000_000, log_every: int = 25, mix: dict | None = None, max_objects: int | None = None) -> dict:
     """Train and save OUT/model -> {"lm_loss", "aux_mse"} of the last step."""
     from qvl.data import tasks as T
     from qvl.train import stages as S
@@ -50,7 +51,10 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
     head = nn.Linear(model.config.text.hidden_size, 2)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
-    stream = T.iterate(g, "train", mix=MIX, config=S.get("stage2").data_config(), start=start)
+    cfg = S.get("stage2").data_config()
+    if max_objects:
+        cfg = replace(cfg, scene=replace(cfg.scene, max_objects=max_objects))
+    stream = T.iterate(g, "train", mix=mix or MIX, config=cfg, start=start)
     grabbed: list[torch.Tensor] = []
     hook = model.model.layers[layer].register_forward_hook(
         lambda m, args, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
@@ -90,10 +94,13 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", type=int, default=1, help="decoder layer whose output predicts (row, column)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--tasks", nargs="+", default=None, help=f"train on these tasks, equally weighted (default {MIX})")
+    ap.add_argument("--max-objects", type=int, default=None, help="shapes per scene at most (default: stage 2's)")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.batch < 1 or a.aux < 0:
         ap.error("--steps and --batch must be >= 1 and --aux >= 0")
-    print(run(a.init, a.out, a.steps, a.aux, a.layer, a.lr, a.batch), flush=True)
+    mix = {t: 1.0 for t in a.tasks} if a.tasks else None
+    print(run(a.init, a.out, a.steps, a.aux, a.layer, a.lr, a.batch, mix=mix, max_objects=a.max_objects), flush=True)
     return 0
 
 

@@ -8,6 +8,10 @@ Two measurements on held-out generated scenes (docs/training_log.md, session 6, 
           position embedding), so anything above ~0 comes from the decoder's rotary ids.
   boxes   grounding on scenes with one shape: the error of the predicted box centre along x and y, as a
           fraction of the image side, next to a constant guess (the mean centre); no look-up is needed.
+  answer  the same one-shape grounding answers, teacher-forced: ridge probes from the hidden state at the
+          position that writes x1's (y1's) first digit to the shape's x1 / width (y1 / height). If the decoder
+          holds the column at its image tokens but this R² is ~0, the answer never looks the position up; if
+          it is high while the boxes miss, only the read-out into digits is missing.
 
     python scripts/position_probe.py assets/models/qvl-tiny-2.5
     python scripts/position_probe.py assets/models/qvl-tiny-1 --n 60
@@ -27,10 +31,10 @@ def ridge_r2(X: np.ndarray, y: np.ndarray, test: np.ndarray, lam: float = 1.0) -
     """Standardised ridge regression fit on ~test rows, R² per target column on the test rows."""
     train = ~test
     mu, sd = X[train].mean(0), X[train].std(0) + 1e-6
-    Xb = np.c_[(X - mu) / sd, np.ones(len(X))]
-    A = Xb[train].T @ Xb[train] + lam * np.eye(Xb.shape[1])
-    w = np.linalg.solve(A, Xb[train].T @ y[train])
-    resid = ((Xb[test] @ w - y[test]) ** 2).sum(0)
+    Xs, y0 = (X - mu) / sd, y[train].mean(0)  # the intercept is the train mean: not shrunk by the ridge
+    A = Xs[train].T @ Xs[train] + lam * np.eye(Xs.shape[1])
+    w = np.linalg.solve(A, Xs[train].T @ (y[train] - y0))
+    resid = ((Xs[test] @ w + y0 - y[test]) ** 2).sum(0)
     total = ((y[test] - y[test].mean(0)) ** 2).sum(0)
     return [round(float(r), 3) for r in 1 - resid / total]
 
@@ -97,11 +101,58 @@ def box_errors(vlm, generation: str, n: int) -> dict:
             "constant_guess_x": round(float(const[0]), 3), "constant_guess_y": round(float(const[1]), 3)}
 
 
+def number_starts(ids: torch.Tensor, labels: torch.Tensor, tokenizer) -> list[int]:
+    """Indices of the first digit of each number in the labelled (answer) tokens; Qwen tokenizers split
+    digits one per token, so a number is a run of consecutive digit tokens."""
+    from qvl.train.batching import IGNORE
+
+    answer = (labels != IGNORE).nonzero().flatten().tolist()
+    digits = [i for i in answer if tokenizer.decode([int(ids[i])]).strip().isdigit()]
+    return [i for j, i in enumerate(digits) if j == 0 or digits[j - 1] != i - 1]
+
+
+def answer_positions(vlm, generation: str, n: int) -> dict:
+    """{"input" | layer: [R² x1, R² y1]} at the positions writing x1's and y1's first digit (teacher-forced)."""
+    from qvl.data import tasks as T
+    from qvl.models.qwen2_vl import Capture
+    from qvl.train.batching import Collator, embed_kwargs
+
+    if generation == "1":
+        raise SystemExit("answer: gen 2 / 2.5 only")
+    model = vlm.model
+    layers = list(range(len(model.model.layers)))
+    coll = Collator(generation, vlm.tokenizer, model.config, loss="assistant")
+    cfg = T.DataConfig()
+    cfg = replace(cfg, scene=replace(cfg.scene, max_objects=1))
+    feats: dict = {k: [] for k in layers}
+    targets = []
+    for s in T.eval_samples("ground", generation, n, config=cfg):
+        if s.truth["label"] in {t.text for t in s.scene.texts}:
+            continue
+        b = coll([s])
+        starts = number_starts(b["input_ids"][0], b["labels"][0], vlm.tokenizer)[:2]  # x1, y1 in both notations
+        cap = Capture(hidden_layers=layers)
+        with torch.no_grad():
+            model(model.embed(b["input_ids"], **embed_kwargs(b["vision"])), b["positions"], capture=cap)
+        (h, w), box = s.truth["original_size"], s.truth["box"]  # the box in original pixels
+        # the state that *writes* a digit is the one before it
+        for layer in layers:
+            feats[layer].append(np.concatenate([cap.hidden[layer][0][0, i - 1].float().numpy() for i in starts]))
+        targets.append((box[0] / w, box[1] / h))
+    y = np.array(targets)
+    test = np.arange(len(y)) % 5 == 0
+    H = model.config.text.hidden_size
+    # x1 from the state before x1's first digit, y1 from the one before y1's
+    lam = float(len(y))  # one state per scene and as many features as scenes: a ridge this strong does not overfit
+    return {str(k): [ridge_r2(np.stack(v)[:, :H], y[:, :1], test, lam)[0],
+                     ridge_r2(np.stack(v)[:, H:], y[:, 1:], test, lam)[0]] for k, v in feats.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model")
     ap.add_argument("--n", type=int, default=120, help="held-out scenes per measurement")
-    ap.add_argument("--skip", default="", help="tokens and/or boxes")
+    ap.add_argument("--skip", default="", help="tokens, boxes and/or answer")
     a = ap.parse_args(argv)
     import qvl
 
@@ -111,6 +162,8 @@ def main(argv=None) -> int:
         out["r2_row_column"] = token_positions(vlm, vlm.generation, a.n)
     if "boxes" not in a.skip:
         out["one_shape_boxes"] = box_errors(vlm, vlm.generation, a.n)
+    if "answer" not in a.skip:
+        out["r2_answer_x1_y1"] = answer_positions(vlm, vlm.generation, a.n)
     print(json.dumps(out))
     return 0
 

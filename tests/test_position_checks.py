@@ -95,6 +95,38 @@ def test_ridge_r2_scores_a_linear_target_high_and_noise_low():
     assert r2[0] > 0.99 and abs(r2[1]) < 0.1
 
 
+def test_ridge_r2_does_not_shrink_the_mean_away():
+    """A strong ridge (as the answer probe uses) on an uninformative X scores ~0, not the large negative R² of
+    a fit whose intercept is pulled to 0; an informative X still scores high."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, 64))
+    y = np.stack([5.0 + 0.1 * rng.normal(size=400), 5.0 + X[:, 0] + 0.1 * rng.normal(size=400)], 1)
+    r2 = pp.ridge_r2(X, y, np.arange(400) % 5 == 0, lam=400.0)
+    assert abs(r2[0]) < 0.15 and r2[1] > 0.4
+
+
+def test_number_starts_find_x1_and_y1_in_each_box_notation(tok_dir):  # noqa: F811
+    """The positions the answer probe reads: the first digit of each number in the answer, checked against the
+    numbers written in the answer text."""
+    import re
+
+    from qvl.data import tasks as T
+    from qvl.train.batching import Collator
+
+    for g in ("2", "2.5"):
+        tok = tiny.load_tokenizer(g, tok_dir)
+        model = tiny.new_model(g, tok, decoder=MICRO_DECODER, vision=MICRO_VISION)
+        s = T.make_sample("ground", 4, g)
+        b = Collator(g, tok, model.config, loss="assistant")([s])
+        ids = b["input_ids"][0]
+        starts = pp.number_starts(ids, b["labels"][0], tok)
+        numbers = re.findall(r"\d+", s.messages[-1]["content"])
+        assert len(starts) == len(numbers) >= 4
+        for i, number in zip(starts, numbers):
+            assert tok.decode(ids[i:i + len(number)].tolist()) == number
+            assert not tok.decode([int(ids[i - 1])]).strip().isdigit()
+
+
 def test_position_probe_runs_on_a_tiny_model(tmp_path, tok_dir, capsys):
     tok = tiny.load_tokenizer("2.5", tok_dir)
     tiny.save_model(tiny.new_model("2.5", tok, decoder=MICRO_DECODER, vision=MICRO_VISION), tmp_path / "m", tok_dir)
@@ -103,6 +135,7 @@ def test_position_probe_runs_on_a_tiny_model(tmp_path, tok_dir, capsys):
     assert set(out["r2_row_column"]) >= {"input", "0"}
     assert all(len(v) == 2 for v in out["r2_row_column"].values())
     assert out["one_shape_boxes"]["n"] >= 1
+    assert set(out["r2_answer_x1_y1"]) == {str(i) for i in range(MICRO_DECODER["layers"])}
 
 
 dp = _load("decoder_position_check")
@@ -132,6 +165,6 @@ def test_image_token_rows_and_columns_follow_the_merged_grid(tok_dir):  # noqa: 
 def test_decoder_position_check_trains_and_saves(tmp_path, tok_dir):  # noqa: F811
     tok = tiny.load_tokenizer("2.5", tok_dir)
     tiny.save_model(tiny.new_model("2.5", tok, decoder=MICRO_DECODER, vision=MICRO_VISION), tmp_path / "m", tok_dir)
-    last = dp.run(tmp_path / "m", tmp_path / "out", steps=2, batch=2, layer=0)
+    last = dp.run(tmp_path / "m", tmp_path / "out", steps=2, batch=2, layer=0, mix={"ground": 1.0}, max_objects=1)
     assert np.isfinite(last["lm_loss"]) and last["aux_mse"] > 0
     assert (tmp_path / "out" / "model" / "config.json").is_file()
