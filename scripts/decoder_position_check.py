@@ -11,6 +11,10 @@ theta 100 the column enters the decoder from layer 1 on (R² 0.40-0.45).
 
     python scripts/decoder_position_check.py runs/recipe/gen2.5/stage2 runs/poscheck --aux 1.0 --layer 1
     python scripts/position_probe.py runs/poscheck/model
+
+Session 15: the column was in the image tokens but the states writing a box did not hold the shape's position
+(position_probe.py's `answer` probe). `--tasks ground --max-objects 1` drills one-shape boxes; `--answer-aux W`
+adds a read-out of the box at the answer itself (see `answer_box_mse`).
 """
 
 from __future__ import annotations
@@ -31,9 +35,39 @@ MIX = {"ground": 0.5, "color": 0.25, "shape": 0.25}
 SCALE = 16.0  # targets are (row, column) / SCALE: about [0, 1] on stage-2 images (<= 16 merged tokens a side)
 
 
+def answer_box_mse(answer_head: nn.Module, hidden: torch.Tensor, b: dict, tok, g: str, image_token_id: int) -> torch.Tensor:
+    """MSE of answer_head's k-th output, at the state before box number k's first digit, against that number
+    as a fraction of the image side (gen 2.5: pixels of the resized image, 14 px per patch; gen 2: / 1000).
+    Rows without an image (one per row in these tasks) or without a whole box are skipped."""
+    from qvl.train.batching import answer_numbers
+
+    grids = iter(b["vision"]["image_grid_thw"].tolist()) if "image_grid_thw" in b["vision"] else iter(())
+    rows, idx, which, values = [], [], [], []
+    for r in range(b["input_ids"].shape[0]):
+        if not (b["input_ids"][r] == image_token_id).any():
+            continue
+        _, h, w = next(grids)
+        numbers = answer_numbers(b["input_ids"][r], b["labels"][r], tok)[:4]
+        if len(numbers) < 4:
+            continue
+        side = (1000.0,) * 4 if g == "2" else (w * 14.0, h * 14.0, w * 14.0, h * 14.0)
+        for k, (i, value) in enumerate(numbers):
+            rows.append(r), idx.append(i - 1), which.append(k), values.append(value / side[k])
+    if not rows:
+        return hidden.sum() * 0.0
+    pred = answer_head(hidden[rows, idx].float())[torch.arange(len(rows)), which]
+    return F.mse_loss(pred, torch.tensor(values))
+
+
 def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float = 3e-4, batch: int = 16,
-        start: int = 7_000_000, log_every: int = 25, mix: dict | None = None, max_objects: int | None = None) -> dict:
-    """Train and save OUT/model -> {"lm_loss", "aux_mse"} of the last step."""
+        start: int = 7_000_000, log_every: int = 25, mix: dict | None = None, max_objects: int | None = None,
+        answer_aux: float = 0.0, answer_layer: int = 5) -> dict:
+    """Train and save OUT/model -> {"lm_loss", "aux_mse"[, "answer_mse"]} of the last step.
+
+    `answer_aux` > 0 adds a second read-out: from decoder layer `answer_layer`'s state at the position that
+    writes each box number's first digit, that number as a fraction of the image side (gen 2: / 1000) -- it
+    asks the answer to fetch the named shape's position, which the image tokens hold but the answer's states
+    did not (position_probe.py --skip tokens,boxes: R² <= 0.1; docs/training_log.md session 15)."""
     from qvl.data import tasks as T
     from qvl.train import stages as S
     from qvl.train import tiny
@@ -46,18 +80,22 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
     g = model.generation
     if g == "1":
         raise SystemExit("gen 1 has no M-RoPE grid ids (its 64 resampler tokens are one 1-D run): use gen 2 or 2.5")
-    coll = Collator(g, tiny.load_tokenizer(g, mdir), model.config, loss="assistant")
+    tok = tiny.load_tokenizer(g, mdir)
+    coll = Collator(g, tok, model.config, loss="assistant")
     model.visual.requires_grad_(False)
     head = nn.Linear(model.config.text.hidden_size, 2)
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    answer_head = nn.Linear(model.config.text.hidden_size, 4)  # x1, y1, x2, y2: one output per number
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters()) + list(answer_head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
     cfg = S.get("stage2").data_config()
     if max_objects:
         cfg = replace(cfg, scene=replace(cfg.scene, max_objects=max_objects))
     stream = T.iterate(g, "train", mix=mix or MIX, config=cfg, start=start)
     grabbed: list[torch.Tensor] = []
-    hook = model.model.layers[layer].register_forward_hook(
-        lambda m, args, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
+    at_answer: list[torch.Tensor] = []
+    hooks = [model.model.layers[i].register_forward_hook(
+        lambda m, args, o, keep=keep: keep.append(o[0] if isinstance(o, tuple) else o))
+        for i, keep in ((layer, grabbed), (answer_layer, at_answer)) if keep is grabbed or answer_aux]
     t0, last = time.time(), {}
     try:
         for step in range(steps):
@@ -66,21 +104,26 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
                 group["lr"] = lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
             b = coll([next(stream) for _ in range(batch)])
             grabbed.clear()
+            at_answer.clear()
             embeds = model.embed(b["input_ids"], **embed_kwargs(b["vision"]))
             lm = labelled_lm_loss(model, embeds, b["positions"], b["labels"])
             target = image_token_rc(b["input_ids"], b["positions"], model.config.image_token_id).float() / SCALE
             img = b["input_ids"] == model.config.image_token_id
             mse = F.mse_loss(head(grabbed[0][img].float()), target) if len(target) else lm * 0.0
+            amse = answer_box_mse(answer_head, at_answer[0], b, tok, g, model.config.image_token_id) if answer_aux else lm * 0.0
             opt.zero_grad()
-            (lm + aux * mse).backward()
+            (lm + aux * mse + answer_aux * amse).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             last = {"lm_loss": round(lm.item(), 4), "aux_mse": round(mse.item(), 4)}
+            if answer_aux:
+                last["answer_mse"] = round(amse.item(), 4)
             if step % log_every == 0 or step == steps - 1:
-                print(f"step {step} lm {last['lm_loss']:.3f} aux {last['aux_mse']:.4f} ({time.time() - t0:.0f} s)",
-                      flush=True)
+                print(f"step {step} lm {last['lm_loss']:.3f} aux {last['aux_mse']:.4f} "
+                      f"answer {last.get('answer_mse', 0):.4f} ({time.time() - t0:.0f} s)", flush=True)
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
     tiny.save_model(model.eval(), Path(out) / "model", mdir)
     return last
 
@@ -96,11 +139,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tasks", nargs="+", default=None, help=f"train on these tasks, equally weighted (default {MIX})")
     ap.add_argument("--max-objects", type=int, default=None, help="shapes per scene at most (default: stage 2's)")
+    ap.add_argument("--start", type=int, default=7_000_000, help="first train seed (a continuation takes new scenes)")
+    ap.add_argument("--answer-aux", type=float, default=0.0, help="weight of the box read-out at the answer's digits")
+    ap.add_argument("--answer-layer", type=int, default=5, help="decoder layer whose answer states predict the box")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.batch < 1 or a.aux < 0:
         ap.error("--steps and --batch must be >= 1 and --aux >= 0")
     mix = {t: 1.0 for t in a.tasks} if a.tasks else None
-    print(run(a.init, a.out, a.steps, a.aux, a.layer, a.lr, a.batch, mix=mix, max_objects=a.max_objects), flush=True)
+    print(run(a.init, a.out, a.steps, a.aux, a.layer, a.lr, a.batch, mix=mix, max_objects=a.max_objects,
+              start=a.start, answer_aux=a.answer_aux, answer_layer=a.answer_layer), flush=True)
     return 0
 
 

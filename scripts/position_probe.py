@@ -101,21 +101,11 @@ def box_errors(vlm, generation: str, n: int) -> dict:
             "constant_guess_x": round(float(const[0]), 3), "constant_guess_y": round(float(const[1]), 3)}
 
 
-def number_starts(ids: torch.Tensor, labels: torch.Tensor, tokenizer) -> list[int]:
-    """Indices of the first digit of each number in the labelled (answer) tokens; Qwen tokenizers split
-    digits one per token, so a number is a run of consecutive digit tokens."""
-    from qvl.train.batching import IGNORE
-
-    answer = (labels != IGNORE).nonzero().flatten().tolist()
-    digits = [i for i in answer if tokenizer.decode([int(ids[i])]).strip().isdigit()]
-    return [i for j, i in enumerate(digits) if j == 0 or digits[j - 1] != i - 1]
-
-
 def answer_positions(vlm, generation: str, n: int) -> dict:
     """{"input" | layer: [R² x1, R² y1]} at the positions writing x1's and y1's first digit (teacher-forced)."""
     from qvl.data import tasks as T
     from qvl.models.qwen2_vl import Capture
-    from qvl.train.batching import Collator, embed_kwargs
+    from qvl.train.batching import Collator, answer_numbers, embed_kwargs
 
     if generation == "1":
         raise SystemExit("answer: gen 2 / 2.5 only")
@@ -130,7 +120,7 @@ def answer_positions(vlm, generation: str, n: int) -> dict:
         if s.truth["label"] in {t.text for t in s.scene.texts}:
             continue
         b = coll([s])
-        starts = number_starts(b["input_ids"][0], b["labels"][0], vlm.tokenizer)[:2]  # x1, y1 in both notations
+        starts = [i for i, _ in answer_numbers(b["input_ids"][0], b["labels"][0], vlm.tokenizer)[:2]]  # x1, y1
         cap = Capture(hidden_layers=layers)
         with torch.no_grad():
             model(model.embed(b["input_ids"], **embed_kwargs(b["vision"])), b["positions"], capture=cap)

@@ -105,13 +105,13 @@ def test_ridge_r2_does_not_shrink_the_mean_away():
     assert abs(r2[0]) < 0.15 and r2[1] > 0.4
 
 
-def test_number_starts_find_x1_and_y1_in_each_box_notation(tok_dir):  # noqa: F811
-    """The positions the answer probe reads: the first digit of each number in the answer, checked against the
-    numbers written in the answer text."""
+def test_answer_numbers_find_each_box_number_in_each_notation(tok_dir):  # noqa: F811
+    """The positions the answer probe reads: the first digit of each number in the answer and its value,
+    checked against the numbers written in the answer text."""
     import re
 
     from qvl.data import tasks as T
-    from qvl.train.batching import Collator
+    from qvl.train.batching import Collator, answer_numbers
 
     for g in ("2", "2.5"):
         tok = tiny.load_tokenizer(g, tok_dir)
@@ -119,11 +119,11 @@ def test_number_starts_find_x1_and_y1_in_each_box_notation(tok_dir):  # noqa: F8
         s = T.make_sample("ground", 4, g)
         b = Collator(g, tok, model.config, loss="assistant")([s])
         ids = b["input_ids"][0]
-        starts = pp.number_starts(ids, b["labels"][0], tok)
+        found = answer_numbers(ids, b["labels"][0], tok)
         numbers = re.findall(r"\d+", s.messages[-1]["content"])
-        assert len(starts) == len(numbers) >= 4
-        for i, number in zip(starts, numbers):
-            assert tok.decode(ids[i:i + len(number)].tolist()) == number
+        assert len(found) == len(numbers) >= 4
+        for (i, value), number in zip(found, numbers):
+            assert value == int(number) and tok.decode(ids[i:i + len(number)].tolist()) == number
             assert not tok.decode([int(ids[i - 1])]).strip().isdigit()
 
 
@@ -165,6 +165,39 @@ def test_image_token_rows_and_columns_follow_the_merged_grid(tok_dir):  # noqa: 
 def test_decoder_position_check_trains_and_saves(tmp_path, tok_dir):  # noqa: F811
     tok = tiny.load_tokenizer("2.5", tok_dir)
     tiny.save_model(tiny.new_model("2.5", tok, decoder=MICRO_DECODER, vision=MICRO_VISION), tmp_path / "m", tok_dir)
-    last = dp.run(tmp_path / "m", tmp_path / "out", steps=2, batch=2, layer=0, mix={"ground": 1.0}, max_objects=1)
-    assert np.isfinite(last["lm_loss"]) and last["aux_mse"] > 0
+    last = dp.run(tmp_path / "m", tmp_path / "out", steps=2, batch=2, layer=0, mix={"ground": 1.0}, max_objects=1,
+                  answer_aux=1.0, answer_layer=1)
+    assert np.isfinite(last["lm_loss"]) and last["aux_mse"] > 0 and last["answer_mse"] > 0
     assert (tmp_path / "out" / "model" / "config.json").is_file()
+
+
+def test_answer_box_read_out_targets_each_number_over_its_side(tok_dir):  # noqa: F811
+    """The answer read-out's targets: x1 y1 x2 y2 written in the answer, over the resized width / height (gen
+    2.5, from the sample's own sizes) or 1000 (gen 2) -- a head that outputs exactly those scores 0, one
+    that outputs 0 scores their mean square."""
+    import re
+
+    from qvl.data import tasks as T
+    from qvl.train.batching import Collator
+
+    for g in ("2", "2.5"):
+        tok = tiny.load_tokenizer(g, tok_dir)
+        model = tiny.new_model(g, tok, decoder=MICRO_DECODER, vision=MICRO_VISION)
+        samples = [T.make_sample("ground", s, g) for s in (5, 6)] + [T.make_sample("color", 7, g)]
+        b = Collator(g, tok, model.config, loss="assistant")(samples)
+        values = []
+        for s in samples[:2]:
+            h, w = s.truth["resized_size"]
+            side = [1000] * 4 if g == "2" else [w, h, w, h]
+            values += [int(v) / d for v, d in zip(re.findall(r"\d+", s.messages[-1]["content"])[:4], side)]
+        head = torch.nn.Linear(MICRO_DECODER["hidden"], 4)
+        hidden = torch.randn(*b["input_ids"].shape, MICRO_DECODER["hidden"])
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+            zero = dp.answer_box_mse(head, hidden, b, tok, g, model.config.image_token_id)
+            assert abs(float(zero) - float(np.mean(np.square(values)))) < 1e-6
+            head.bias.copy_(torch.tensor(values[:4]))  # exact for the first box only
+            first = dp.answer_box_mse(head, hidden, b, tok, g, model.config.image_token_id)
+            expected = np.mean(np.square(np.array(values[4:]) - np.array(values[:4]))) / 2
+            assert abs(float(first) - expected) < 1e-6

@@ -281,3 +281,19 @@ def to_device(batch: dict, device) -> dict:
 def embed_kwargs(vision: dict) -> dict:
     """The model's embed() keywords: `second_per_grid_ts` only feeds the positions."""
     return {k: v for k, v in vision.items() if k != "second_per_grid_ts" and v is not None}
+
+
+def answer_numbers(ids: torch.Tensor, labels: torch.Tensor, tokenizer) -> list[tuple[int, int]]:
+    """(index of the first digit, value) of each number in one row's labelled (answer) tokens. Qwen tokenizers
+    split digits one per token, so a number is a run of consecutive digit tokens (a box's x1 y1 x2 y2 in
+    either generation's notation)."""
+    answer = (labels != IGNORE).nonzero().flatten().tolist()
+    digit = {i: tokenizer.decode([int(ids[i])]).strip() for i in answer}
+    runs: list[list[int]] = []
+    for i in answer:
+        if digit[i].isdigit():
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+    return [(r[0], int("".join(digit[i] for i in r))) for r in runs]
