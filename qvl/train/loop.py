@@ -148,7 +148,9 @@ class PositionHead(nn.Module):
     their boxes stayed at a constant guess. M-RoPE gives the decoder the column, but only where the width
     channels turn: at rope_theta 10^4 they turn 0.047 rad across 16 columns, at 100 about 0.9 rad. Measured
     (scripts/decoder_position_check.py, docs/training_log.md session 14): this loss at theta 100 puts the
-    column into the residual stream from layer 1 on (probe R² 0.40-0.49; <= 0.06 at 10^4 or without it).
+    column into the residual stream from layer 1 on (probe R² 0.40-0.49; <= 0.06 at 10^4 or without it); in
+    the full recipe's stage 2 (session 15), 0.54-0.58 in every layer from 1 on. It does not make boxes by
+    itself: the answer must also look the position up (scripts/decoder_position_check.py --answer-aux).
     Training-only, like DenseHead: not part of the checkpoint."""
 
     SCALE = 16.0  # about [0, 1] on stage-2 images (<= 16 merged tokens a side)
