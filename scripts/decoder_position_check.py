@@ -29,10 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qvl.train.loop import image_token_rc
+from qvl.train.loop import PositionHead, image_token_rc
 
 MIX = {"ground": 0.5, "color": 0.25, "shape": 0.25}
-SCALE = 16.0  # targets are (row, column) / SCALE: about [0, 1] on stage-2 images (<= 16 merged tokens a side)
 
 
 def answer_box_mse(answer_head: nn.Module, hidden: torch.Tensor, b: dict, tok, g: str, image_token_id: int) -> torch.Tensor:
@@ -83,7 +82,7 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
     tok = tiny.load_tokenizer(g, mdir)
     coll = Collator(g, tok, model.config, loss="assistant")
     model.visual.requires_grad_(False)
-    head = nn.Linear(model.config.text.hidden_size, 2)
+    head = PositionHead(model.config.text.hidden_size, layer)  # the trainer's own read-out of (row, column) / 16
     answer_head = nn.Linear(model.config.text.hidden_size, 4)  # x1, y1, x2, y2: one output per number
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters()) + list(answer_head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
@@ -107,9 +106,9 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
             at_answer.clear()
             embeds = model.embed(b["input_ids"], **embed_kwargs(b["vision"]))
             lm = labelled_lm_loss(model, embeds, b["positions"], b["labels"])
-            target = image_token_rc(b["input_ids"], b["positions"], model.config.image_token_id).float() / SCALE
+            rc = image_token_rc(b["input_ids"], b["positions"], model.config.image_token_id)
             img = b["input_ids"] == model.config.image_token_id
-            mse = F.mse_loss(head(grabbed[0][img].float()), target) if len(target) else lm * 0.0
+            mse = head(grabbed[0][img], rc) if len(rc) else lm * 0.0
             amse = answer_box_mse(answer_head, at_answer[0], b, tok, g, model.config.image_token_id) if answer_aux else lm * 0.0
             opt.zero_grad()
             (lm + aux * mse + answer_aux * amse).backward()

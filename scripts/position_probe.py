@@ -73,16 +73,22 @@ def token_positions(vlm, generation: str, n: int, per_image: int = 48, seed: int
     return {str(k): ridge_r2(np.concatenate(v), y, test) for k, v in feats.items()}
 
 
-def box_errors(vlm, generation: str, n: int) -> dict:
-    """Centre errors (fraction of width / height) of one-shape grounding answers vs a constant guess."""
-    from qvl import eval as E
-    from qvl import grounding
+def one_shape_grounding(generation: str, n: int) -> list:
+    """Held-out grounding samples on scenes with one shape, asking for the shape (not a word)."""
     from qvl.data import tasks as T
 
     cfg = T.DataConfig()
     cfg = replace(cfg, scene=replace(cfg.scene, max_objects=1))
-    samples = [s for s in T.eval_samples("ground", generation, n, config=cfg)
-               if s.truth["label"] not in {t.text for t in s.scene.texts}]  # shapes only
+    return [s for s in T.eval_samples("ground", generation, n, config=cfg)
+            if s.truth["label"] not in {t.text for t in s.scene.texts}]
+
+
+def box_errors(vlm, generation: str, n: int) -> dict:
+    """Centre errors (fraction of width / height) of one-shape grounding answers vs a constant guess."""
+    from qvl import eval as E
+    from qvl import grounding
+
+    samples = one_shape_grounding(generation, n)
     replies = E.vlm_reply_fn(vlm)(samples)
     true, pred = [], []
     for reply, s in zip(replies, samples):
@@ -102,8 +108,7 @@ def box_errors(vlm, generation: str, n: int) -> dict:
 
 
 def answer_positions(vlm, generation: str, n: int) -> dict:
-    """{"input" | layer: [R² x1, R² y1]} at the positions writing x1's and y1's first digit (teacher-forced)."""
-    from qvl.data import tasks as T
+    """{layer: [R² x1, R² y1]} at the positions writing x1's and y1's first digit (teacher-forced)."""
     from qvl.models.qwen2_vl import Capture
     from qvl.train.batching import Collator, answer_numbers, embed_kwargs
 
@@ -112,13 +117,9 @@ def answer_positions(vlm, generation: str, n: int) -> dict:
     model = vlm.model
     layers = list(range(len(model.model.layers)))
     coll = Collator(generation, vlm.tokenizer, model.config, loss="assistant")
-    cfg = T.DataConfig()
-    cfg = replace(cfg, scene=replace(cfg.scene, max_objects=1))
     feats: dict = {k: [] for k in layers}
     targets = []
-    for s in T.eval_samples("ground", generation, n, config=cfg):
-        if s.truth["label"] in {t.text for t in s.scene.texts}:
-            continue
+    for s in one_shape_grounding(generation, n):
         b = coll([s])
         starts = [i for i, _ in answer_numbers(b["input_ids"][0], b["labels"][0], vlm.tokenizer)[:2]]  # x1, y1
         cap = Capture(hidden_layers=layers)
