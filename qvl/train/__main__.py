@@ -219,14 +219,19 @@ def recipe_main(argv) -> int:
                     help="gens 2 / 2.5: weight of an auxiliary (row, column) read-out of the image tokens in stages 2 "
                          "and 3 (loop.PositionHead; docs/training_log.md session 14); 0 = off")
     ap.add_argument("--position-layer", type=int, default=1, help="decoder layer the --position-loss reads")
+    ap.add_argument("--answer-loss", type=float, default=0.0, metavar="W",
+                    help="weight of a read-out of each box number from the answer's states that write it, in the "
+                         "ground phase and stage 3 (loop.AnswerBoxHead; docs/training_log.md session 15); 0 = off")
+    ap.add_argument("--answer-layer", type=int, default=5, help="decoder layer the --answer-loss reads")
     _common(ap)
     a = ap.parse_args(argv)
-    if a.position_loss < 0:
-        ap.error(f"--position-loss must be >= 0, got {a.position_loss}")
     from qvl.train import tiny
 
-    if not 0 <= a.position_layer < tiny.DECODER["layers"]:
-        ap.error(f"--position-layer must be in 0-{tiny.DECODER['layers'] - 1}, got {a.position_layer}")
+    for flag in ("position", "answer"):
+        if getattr(a, f"{flag}_loss") < 0:
+            ap.error(f"--{flag}-loss must be >= 0, got {getattr(a, f'{flag}_loss')}")
+        if not 0 <= getattr(a, f"{flag}_layer") < tiny.DECODER["layers"]:
+            ap.error(f"--{flag}-layer must be in 0-{tiny.DECODER['layers'] - 1}, got {getattr(a, f'{flag}_layer')}")
     if a.rope_theta is not None and not a.rope_theta > 1:
         ap.error(f"--rope-theta must be > 1 (the rotary base), got {a.rope_theta}")
     decoder = {"rope_theta": a.rope_theta} if a.rope_theta else None
@@ -240,11 +245,16 @@ def recipe_main(argv) -> int:
     gens = ["2.5", "2", "1"] if a.generation == "all" else [a.generation]
 
     def for_generation(g: str) -> dict | None:
-        """The overrides for one generation: the position loss needs M-RoPE grid ids, so not gen 1."""
-        if not a.position_loss or g == "1":
-            return overrides or None
-        pos = {"position_weight": a.position_loss, "position_layer": a.position_layer}
-        return {**overrides, **{s: {**overrides.get(s, {}), **pos} for s in ("stage2", "stage3")}}
+        """The overrides for one generation: the position loss needs M-RoPE grid ids, so not gen 1; the answer
+        read-out starts in the ground phase, once stage 2 has put the positions into the image tokens."""
+        out = {k: dict(v) for k, v in overrides.items()}
+        if a.position_loss and g != "1":
+            for s in ("stage2", "ground", "stage3"):
+                out.setdefault(s, {}).update(position_weight=a.position_loss, position_layer=a.position_layer)
+        if a.answer_loss:
+            for s in ("ground", "stage3"):
+                out.setdefault(s, {}).update(answer_weight=a.answer_loss, answer_layer=a.answer_layer)
+        return out or None
 
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)

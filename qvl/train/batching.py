@@ -64,12 +64,12 @@ class Collator:
     resolution comes from each image item's own min_pixels/max_pixels (the stage's DataConfig)."""
 
     def __init__(self, generation: str, tokenizer, config, loss: str = "text", dense: bool = False,
-                 gen1_image_size: int | None = None, weighting: str = "token"):
+                 gen1_image_size: int | None = None, weighting: str = "token", boxes: bool = False):
         if loss not in ("text", "assistant"):
             raise ValueError(f"loss must be 'text' or 'assistant', got {loss!r}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        self.weighting = weighting
+        self.weighting, self.boxes = weighting, boxes
         self.generation, self.tokenizer, self.loss, self.dense = str(generation), tokenizer, loss, dense
         if self.generation == "1" and gen1_image_size:
             config = replace(config, vision=replace(config.vision, image_size=gen1_image_size))
@@ -165,7 +165,35 @@ class Collator:
             batch["label_weights"] = label_weights
         if self.dense:
             batch.update(self.dense_batch(samples, media_rows))
+        if self.boxes:
+            batch.update(self.box_batch(input_ids, labels, media_rows))
         return batch
+
+    # ---- box targets at the answer (qvl.train.loop.AnswerBoxHead) ------------------------------------
+
+    def box_batch(self, input_ids: torch.Tensor, labels: torch.Tensor, media_rows) -> dict:
+        """Per number of each box the answers write: `box_at` [K, 2] = (row, position of the state that
+        predicts the number's first digit), `box_k` [K] = 0-3 (x1 y1 x2 y2), `box_target` [K] = the number over
+        the side it measures -- 1000 for gens 1 / 2 (normalised), the resized image's width or height in pixels
+        for gen 2.5 (absolute coordinates, §4.2 of the 2.5 report)."""
+        at, ks, targets = [], [], []
+        for b, items in enumerate(media_rows):
+            images = [it for it in items if it.kind == "image"]
+            if self.generation == "2.5":
+                if len(images) != 1:  # one image whose pixels the numbers count (no box on videos)
+                    continue
+                _, h, w = images[0].grid_thw
+                p = self.config.vision.patch_size
+                side = (w * p, h * p, w * p, h * p)
+            else:
+                side = (1000.0,) * 4
+            for box in answer_boxes(input_ids[b], labels[b], self.tokenizer, self.generation):
+                for k, (i, value) in enumerate(box):
+                    at.append((b, i - 1))
+                    ks.append(k)
+                    targets.append(value / side[k])
+        return {"box_at": torch.tensor(at, dtype=torch.long).reshape(-1, 2), "box_k": torch.tensor(ks, dtype=torch.long),
+                "box_target": torch.tensor(targets, dtype=torch.float32)}
 
     # ---- dense vision targets ------------------------------------------------------------------
 
@@ -286,14 +314,38 @@ def embed_kwargs(vision: dict) -> dict:
 def answer_numbers(ids: torch.Tensor, labels: torch.Tensor, tokenizer) -> list[tuple[int, int]]:
     """(index of the first digit, value) of each number in one row's labelled (answer) tokens. Qwen tokenizers
     split digits one per token, so a number is a run of consecutive digit tokens (a box's x1 y1 x2 y2 in
-    either generation's notation)."""
+    either generation's notation) -- unless a letter or "_" touches it: the "2" of gen 2.5's `"bbox_2d"` key
+    is part of a word, not a number."""
     answer = (labels != IGNORE).nonzero().flatten().tolist()
-    digit = {i: tokenizer.decode([int(ids[i])]).strip() for i in answer}
+    text = {i: tokenizer.decode([int(ids[i])]) for i in answer}
+
+    def wordy(i: int, side: int) -> bool:  # does token i's neighbour touch it with a letter or "_"?
+        t = text.get(i + side, "")
+        c = t[:1] if side > 0 else t[-1:]
+        return c.isalpha() or c == "_"
+
     runs: list[list[int]] = []
     for i in answer:
-        if digit[i].isdigit():
+        if text[i].strip().isdigit():
             if runs and runs[-1][-1] == i - 1:
                 runs[-1].append(i)
             else:
                 runs.append([i])
-    return [(r[0], int("".join(digit[i] for i in r))) for r in runs]
+    return [(r[0], int("".join(text[i].strip() for i in r))) for r in runs
+            if not (wordy(r[0], -1) or wordy(r[-1], 1))]
+
+
+# The token that opens a box in each generation's answer notation (qvl.grounding): the four numbers after it
+# are x1, y1, x2, y2.
+BOX_MARKERS = {"1": "<box>", "2": "<|box_start|>", "2.5": "bbox"}
+
+
+def answer_boxes(ids: torch.Tensor, labels: torch.Tensor, tokenizer, generation: str) -> list[list[tuple[int, int]]]:
+    """The boxes one row's answers write: per box marker among the labelled tokens, the (first-digit index,
+    value) of the four numbers after it (a box cut short by truncation is dropped)."""
+    marker = BOX_MARKERS[str(generation)]
+    answer = (labels != IGNORE).nonzero().flatten().tolist()
+    starts = [i for i in answer if tokenizer.decode([int(ids[i])]).strip() == marker]
+    numbers = answer_numbers(ids, labels, tokenizer)
+    boxes = [[n for n in numbers if n[0] > m][:4] for m in starts]
+    return [b for b in boxes if len(b) == 4]

@@ -43,6 +43,7 @@ from qvl.train.batching import IGNORE, N_DENSE_CLASSES, N_LETTERS, Collator, emb
 STATE_FILE = "state.pt"
 HEAD_FILE = "dense_head.safetensors"
 POSITION_HEAD_FILE = "position_head.safetensors"
+ANSWER_HEAD_FILE = "answer_head.safetensors"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,6 +166,34 @@ class PositionHead(nn.Module):
         return F.mse_loss(self.proj(hidden.float()), rc.float() / self.SCALE)
 
 
+class AnswerBoxHead(nn.Module):
+    """A linear read-out of a box from the answer itself: decoder layer `layer`'s output at the state that writes
+    the first digit of box number k (x1, y1, x2, y2) predicts that number over its side, MSE (targets from
+    batching.Collator.box_batch).
+
+    Why: the position loss (PositionHead) put each image token's column into the decoder, yet the boxes stayed
+    at a constant guess -- a probe of the answer found no trace of the shape's position in the states that write
+    the digits (scripts/position_probe.py `answer`, R² <= 0.1). With this read-out on one-shape grounding drills
+    those states fetched it (R² 0.6-0.7 after 1 200 steps) and box centres beat a constant guess for the first
+    time (docs/training_log.md, session 15). It asks for the number directly, a regression target with a
+    gradient at every digit-writing state, where the LM loss gives one only through the right first digit.
+    Works for every generation (it needs no M-RoPE). Training-only, not part of the checkpoint."""
+
+    def __init__(self, hidden: int, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.proj = nn.Linear(hidden, 4)
+
+    def forward(self, hidden: torch.Tensor, k: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """hidden [K, H] at the digit-writing states, k [K] which number, target [K] -> MSE loss."""
+        pred = self.proj(hidden.float()).gather(1, k[:, None]).squeeze(1)
+        return F.mse_loss(pred, target.float())
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.transformer.h if model.generation == "1" else model.model.layers
+
+
 def load_head(head: nn.Module | None, init, name: str) -> None:
     """Load a training-only head from the init stage directory, where an earlier stage left one."""
     file = Path(init) / name if init is not None else None
@@ -227,9 +256,10 @@ class TrainModule(nn.Module):
     """Computes one stage's loss for a batch. DDP wraps this module, so every gradient flows through it."""
 
     def __init__(self, model: nn.Module, stage: S.Stage, head: DenseHead | None = None, ref: nn.Module | None = None,
-                 position_head: PositionHead | None = None):
+                 position_head: PositionHead | None = None, answer_head: AnswerBoxHead | None = None):
         super().__init__()
         self.model, self.stage, self.head, self.position_head = model, stage, head, position_head
+        self.answer_head = answer_head
         self._ref = [ref]  # a list: the frozen reference is not a submodule (DDP must not sync or wrap it)
 
     def forward(self, batch: dict):
@@ -244,11 +274,13 @@ class TrainModule(nn.Module):
         model, stage = self.model, self.stage
         feats: list[torch.Tensor] = []
         patch_feats: list[torch.Tensor] = []
-        layer_out: list[torch.Tensor] = []
+        layer_out: dict[int, torch.Tensor] = {}  # decoder layer -> its output, for the read-out heads
         hooks = []
-        if self.position_head is not None:
-            hooks.append(model.model.layers[self.position_head.layer].register_forward_hook(
-                lambda m, args, o: layer_out.append(o[0] if isinstance(o, tuple) else o)))
+        for h in (self.position_head, self.answer_head):
+            if h is not None and h.layer not in layer_out:
+                layer_out[h.layer] = None
+                hooks.append(decoder_layers(model)[h.layer].register_forward_hook(
+                    lambda m, args, o, i=h.layer: layer_out.__setitem__(i, o[0] if isinstance(o, tuple) else o)))
         if self.head is not None:
             hooks.append(vision_module(model).register_forward_hook(lambda m, i, o: feats.append(o)))
             if self.head.patch is not None:  # gen 1: the ViT output the resampler reads [N, g*g, width]
@@ -269,13 +301,22 @@ class TrainModule(nn.Module):
                 h.remove()
         if self.position_head is not None:
             img = batch["input_ids"] == model.config.image_token_id
-            if layer_out and img.any():
+            out = layer_out.get(self.position_head.layer)
+            if out is not None and img.any():
                 rc = image_token_rc(batch["input_ids"], batch["positions"], model.config.image_token_id)
-                mse = self.position_head(layer_out[0][img], rc)
+                mse = self.position_head(out[img], rc)
                 metrics["pos_mse"] = mse.detach()
             else:  # no image in this batch: keep the head in the graph (DDP expects gradients)
                 mse = sum(0.0 * p.sum() for p in self.position_head.parameters())
             loss = loss + stage.position_weight * mse
+        if self.answer_head is not None:
+            out, at = layer_out.get(self.answer_head.layer), batch.get("box_at")
+            if out is not None and at is not None and len(at):
+                amse = self.answer_head(out[at[:, 0], at[:, 1]], batch["box_k"], batch["box_target"])
+                metrics["box_mse"] = amse.detach()
+            else:  # no box in this batch
+                amse = sum(0.0 * p.sum() for p in self.answer_head.parameters())
+            loss = loss + stage.answer_weight * amse
         if self.head is not None:
             weight = 1.0 if stage.loss == "dense" else stage.dense_weight
             if "dense_cls" in batch and feats:
@@ -615,6 +656,15 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
             raise ValueError(f"position_layer {stage.position_layer}: the decoder has layers 0-{n_layers - 1}")
         position_head = PositionHead(model.config.text.hidden_size, stage.position_layer)
         load_head(position_head, init, POSITION_HEAD_FILE)
+    answer_head = None
+    if stage.answer_weight > 0:
+        n_layers = model.config.text.num_hidden_layers
+        if not stage.lm or stage.loss == "dpo":
+            raise ValueError("the answer box read-out needs an LM stage with a text or assistant loss")
+        if not 0 <= stage.answer_layer < n_layers:
+            raise ValueError(f"answer_layer {stage.answer_layer}: the decoder has layers 0-{n_layers - 1}")
+        answer_head = AnswerBoxHead(model.config.text.hidden_size, stage.answer_layer)
+        load_head(answer_head, init, ANSWER_HEAD_FILE)
     ref = None
     if stage.loss == "dpo":
         ref = copy.deepcopy(model).eval()
@@ -624,7 +674,7 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
     trainable = set_trainable(model, stage.train)
     if head is not None:
         head.requires_grad_(stage.loss == "dense" or "vision" in stage.train or "adapter" in stage.train)
-    module = TrainModule(model, stage, head, ref, position_head).to(dev)
+    module = TrainModule(model, stage, head, ref, position_head, answer_head).to(dev)
 
     # ---- steps
     B = batch_size or stage.batch_size
@@ -659,7 +709,8 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
 
     collator = Collator(generation, tok, model.config, loss="assistant" if stage.loss == "dpo" else
                         ("text" if stage.loss == "dense" else stage.loss), dense=stage.dense,
-                        gen1_image_size=stage.gen1_image_size, weighting=stage.weighting)
+                        gen1_image_size=stage.gen1_image_size, weighting=stage.weighting,
+                        boxes=answer_head is not None)
     if workers is None:
         workers = 4 if dev.type == "cuda" else 1
     data = StageData(stage, generation, collator, B, start, total, d.rank, d.world, records, bucket)
@@ -713,7 +764,7 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
                "grad_norm": float(gnorm), "samples_per_s": round(sps, 2)}
         row.update({k: float(v) for k, v in metrics.items()})
         log.append(row)
-        extra = "".join(f" | {k} {float(v):.3f}" for k, v in metrics.items() if k in ("dense_acc", "obj_acc", "kind_acc", "letter_acc", "patch_obj_acc", "reward_acc", "margin", "pos_mse"))
+        extra = "".join(f" | {k} {float(v):.3f}" for k, v in metrics.items() if k in ("dense_acc", "obj_acc", "kind_acc", "letter_acc", "patch_obj_acc", "reward_acc", "margin", "pos_mse", "box_mse"))
         progress.update(step + 1, (step + 1) * per_step, sps, float(loss), row["lr"], extra, force=step + 1 == end)
         if now - t_window > 30:
             t_window, n_window = now, 0
@@ -729,7 +780,7 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
                "trainable": trainable, "world": d.world}
     if d.main and step >= total:
         tiny.save_model(model, out / "model", tok_dir)
-        for h, name in ((head, HEAD_FILE), (position_head, POSITION_HEAD_FILE)):
+        for h, name in ((head, HEAD_FILE), (position_head, POSITION_HEAD_FILE), (answer_head, ANSWER_HEAD_FILE)):
             if h is not None:
                 from safetensors.torch import save_file
 
