@@ -14,7 +14,7 @@ theta 100 the column enters the decoder from layer 1 on (R² 0.40-0.45).
 
 Session 15: the column was in the image tokens but the states writing a box did not hold the shape's position
 (position_probe.py's `answer` probe). `--tasks ground --max-objects 1` drills one-shape boxes; `--answer-aux W`
-adds a read-out of the box at the answer itself (see `answer_box_mse`).
+adds a read-out of the box at the answer itself (the trainer's loop.AnswerBoxHead; the recipe's --answer-loss).
 """
 
 from __future__ import annotations
@@ -26,36 +26,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from qvl.train.loop import PositionHead, image_token_rc
+from qvl.train.loop import AnswerBoxHead, PositionHead, image_token_rc
 
 MIX = {"ground": 0.5, "color": 0.25, "shape": 0.25}
-
-
-def answer_box_mse(answer_head: nn.Module, hidden: torch.Tensor, b: dict, tok, g: str, image_token_id: int) -> torch.Tensor:
-    """MSE of answer_head's k-th output, at the state before box number k's first digit, against that number
-    as a fraction of the image side (gen 2.5: pixels of the resized image, 14 px per patch; gen 2: / 1000).
-    Rows without an image (one per row in these tasks) or without a whole box are skipped."""
-    from qvl.train.batching import answer_numbers
-
-    grids = iter(b["vision"]["image_grid_thw"].tolist()) if "image_grid_thw" in b["vision"] else iter(())
-    rows, idx, which, values = [], [], [], []
-    for r in range(b["input_ids"].shape[0]):
-        if not (b["input_ids"][r] == image_token_id).any():
-            continue
-        _, h, w = next(grids)
-        numbers = answer_numbers(b["input_ids"][r], b["labels"][r], tok)[:4]
-        if len(numbers) < 4:
-            continue
-        side = (1000.0,) * 4 if g == "2" else (w * 14.0, h * 14.0, w * 14.0, h * 14.0)
-        for k, (i, value) in enumerate(numbers):
-            rows.append(r), idx.append(i - 1), which.append(k), values.append(value / side[k])
-    if not rows:
-        return hidden.sum() * 0.0
-    pred = answer_head(hidden[rows, idx].float())[torch.arange(len(rows)), which]
-    return F.mse_loss(pred, torch.tensor(values))
 
 
 def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float = 3e-4, batch: int = 16,
@@ -80,10 +54,10 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
     if g == "1":
         raise SystemExit("gen 1 has no M-RoPE grid ids (its 64 resampler tokens are one 1-D run): use gen 2 or 2.5")
     tok = tiny.load_tokenizer(g, mdir)
-    coll = Collator(g, tok, model.config, loss="assistant")
+    coll = Collator(g, tok, model.config, loss="assistant", boxes=bool(answer_aux))
     model.visual.requires_grad_(False)
     head = PositionHead(model.config.text.hidden_size, layer)  # the trainer's own read-out of (row, column) / 16
-    answer_head = nn.Linear(model.config.text.hidden_size, 4)  # x1, y1, x2, y2: one output per number
+    answer_head = AnswerBoxHead(model.config.text.hidden_size, answer_layer)  # the trainer's box read-out
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters()) + list(answer_head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
     cfg = S.get("stage2").data_config()
@@ -109,7 +83,9 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
             rc = image_token_rc(b["input_ids"], b["positions"], model.config.image_token_id)
             img = b["input_ids"] == model.config.image_token_id
             mse = head(grabbed[0][img], rc) if len(rc) else lm * 0.0
-            amse = answer_box_mse(answer_head, at_answer[0], b, tok, g, model.config.image_token_id) if answer_aux else lm * 0.0
+            at = b.get("box_at")
+            amse = (answer_head(at_answer[0][at[:, 0], at[:, 1]], b["box_k"], b["box_target"])
+                    if answer_aux and at is not None and len(at) else lm * 0.0)
             opt.zero_grad()
             (lm + aux * mse + answer_aux * amse).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

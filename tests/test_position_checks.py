@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from qvl.train import tiny
@@ -107,7 +108,7 @@ def test_ridge_r2_does_not_shrink_the_mean_away():
 
 def test_answer_numbers_find_each_box_number_in_each_notation(tok_dir):  # noqa: F811
     """The positions the answer probe reads: the first digit of each number in the answer and its value,
-    checked against the numbers written in the answer text."""
+    checked against the numbers written in the answer text (gen 2.5's "bbox_2d" key holds none)."""
     import re
 
     from qvl.data import tasks as T
@@ -120,7 +121,7 @@ def test_answer_numbers_find_each_box_number_in_each_notation(tok_dir):  # noqa:
         b = Collator(g, tok, model.config, loss="assistant")([s])
         ids = b["input_ids"][0]
         found = answer_numbers(ids, b["labels"][0], tok)
-        numbers = re.findall(r"\d+", s.messages[-1]["content"])
+        numbers = re.findall(NUMBER, s.messages[-1]["content"])
         assert len(found) == len(numbers) >= 4
         for (i, value), number in zip(found, numbers):
             assert value == int(number) and tok.decode(ids[i:i + len(number)].tolist()) == number
@@ -171,33 +172,45 @@ def test_decoder_position_check_trains_and_saves(tmp_path, tok_dir):  # noqa: F8
     assert (tmp_path / "out" / "model" / "config.json").is_file()
 
 
-def test_answer_box_read_out_targets_each_number_over_its_side(tok_dir):  # noqa: F811
-    """The answer read-out's targets: x1 y1 x2 y2 written in the answer, over the resized width / height (gen
-    2.5, from the sample's own sizes) or 1000 (gen 2) -- a head that outputs exactly those scores 0, one
-    that outputs 0 scores their mean square."""
+# A number as the answer text writes it: digits with no letter or "_" touching them (not the 2 of "bbox_2d").
+NUMBER = r"(?<![A-Za-z_\d])\d+(?![A-Za-z_\d])"
+# Each generation's box notation, written out here: x1 y1 x2 y2 (gens 1 / 2 in 0-1000, 2.5 in resized pixels).
+BOX_TEXT = {"1": r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>", "2": r"<\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_end\|>",
+            "2.5": r'"bbox_2d": \[(\d+), (\d+), (\d+), (\d+)\]'}
+
+
+@pytest.mark.parametrize("g", ["1", "2", "2.5"])
+def test_box_targets_are_each_answer_box_number_over_its_side(g, tok_dir):  # noqa: F811
+    """The Collator's targets for the answer read-out: per box an answer writes (found here with each notation's
+    own regex, over every assistant turn), x1 y1 x2 y2 over the side each measures -- 1000 for gens 1 / 2, the
+    resized width / height from the sample's own sizes for 2.5 -- at the state right before the number's first
+    digit; questions without a box (colour, count: a number that is no box) add nothing."""
     import re
 
     from qvl.data import tasks as T
+    from qvl.data.tasks import DataConfig
     from qvl.train.batching import Collator
 
-    for g in ("2", "2.5"):
-        tok = tiny.load_tokenizer(g, tok_dir)
-        model = tiny.new_model(g, tok, decoder=MICRO_DECODER, vision=MICRO_VISION)
-        samples = [T.make_sample("ground", s, g) for s in (5, 6)] + [T.make_sample("color", 7, g)]
-        b = Collator(g, tok, model.config, loss="assistant")(samples)
-        values = []
-        for s in samples[:2]:
-            h, w = s.truth["resized_size"]
-            side = [1000] * 4 if g == "2" else [w, h, w, h]
-            values += [int(v) / d for v, d in zip(re.findall(r"\d+", s.messages[-1]["content"])[:4], side)]
-        head = torch.nn.Linear(MICRO_DECODER["hidden"], 4)
-        hidden = torch.randn(*b["input_ids"].shape, MICRO_DECODER["hidden"])
-        with torch.no_grad():
-            head.weight.zero_()
-            head.bias.zero_()
-            zero = dp.answer_box_mse(head, hidden, b, tok, g, model.config.image_token_id)
-            assert abs(float(zero) - float(np.mean(np.square(values)))) < 1e-6
-            head.bias.copy_(torch.tensor(values[:4]))  # exact for the first box only
-            first = dp.answer_box_mse(head, hidden, b, tok, g, model.config.image_token_id)
-            expected = np.mean(np.square(np.array(values[4:]) - np.array(values[:4]))) / 2
-            assert abs(float(first) - expected) < 1e-6
+    tok = tiny.load_tokenizer(g, tok_dir)
+    model = tiny.new_model(g, tok, decoder=MICRO_DECODER, vision=MICRO_VISION)
+    samples = [T.make_sample("ground", 5, g), T.make_sample("count", 6, g), T.make_sample("color", 7, g)]
+    multi = T.iterate(g, "train", mix={"ground": 1.0, "count": 1.0}, config=DataConfig(max_turns=3), start=100)
+    samples += [next(multi) for _ in range(24)]
+    b = Collator(g, tok, model.config, loss="assistant", boxes=True)(samples)
+    expected = []
+    for r, s in enumerate(samples):
+        h, w = s.media["resized_size"] if g == "2.5" else (1000, 1000)
+        for m in s.messages:
+            if m["role"] == "assistant":
+                for box in re.findall(BOX_TEXT[g], m["content"]):
+                    expected += [(r, int(v), side) for v, side in zip(box, (w, h, w, h))]
+    assert len(expected) >= 4 * 10 and not [e for e in expected if e[0] in (1, 2)]
+    assert {len([e for e in expected if e[0] == r]) for r in range(len(samples))} > {4}  # some rows: 2+ boxes
+    got = list(zip(b["box_at"].tolist(), b["box_k"].tolist(), b["box_target"].tolist()))
+    assert len(got) == len(expected)
+    for ((row, at), k, target), (r, value, side) in zip(got, expected):
+        assert row == r and abs(target - value / side) < 1e-6
+        digits = str(value)
+        assert tok.decode(b["input_ids"][row, at + 1:at + 1 + len(digits)].tolist()) == digits
+        assert not tok.decode([int(b["input_ids"][row, at])]).strip().isdigit()
+    assert b["box_k"].tolist() == [0, 1, 2, 3] * (len(got) // 4)

@@ -552,7 +552,9 @@ def test_recipe_rejects_malformed_variant_flags_in_one_line():
     for flag, value, says in (("--object-curriculum", "0.5", "--object-curriculum: expected F:N"),
                               ("--rope-theta", "0", "--rope-theta must be > 1"),
                               ("--position-loss", "-1", "--position-loss must be >= 0"),
-                              ("--position-layer", "8", "--position-layer must be in 0-7")):
+                              ("--position-layer", "8", "--position-layer must be in 0-7"),
+                              ("--answer-loss", "-2", "--answer-loss must be >= 0"),
+                              ("--answer-layer", "-1", "--answer-layer must be in 0-7")):
         out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", flag, value], capture_output=True, text=True)
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert says in out.stderr.strip().splitlines()[-1]
@@ -626,3 +628,100 @@ def test_position_loss_refuses_gen_1_and_a_missing_layer(tok_dir, tmp_path):
     with pytest.raises(ValueError, match="layers 0-1"):
         train(small(S.get("stage2"), position_weight=1.0, position_layer=2), "2.5", tmp_path / "o2", 2, init=init,
               workers=0, quiet=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The box read-out at the answer (all gens) and the grounding phase
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("generation", ["1", "2.5"])
+def test_answer_loss_is_the_read_out_error_at_the_states_that_write_each_box_number(generation, tok_dir):
+    """The added term equals the MSE of the head's read-out of decoder layer L's output (caught by the test's
+    own hook) at the state before each box number's first digit -- found here by searching the row for the
+    number's digit tokens after the box opens -- against the number over 1000 (gen 1) or the resized side (2.5)."""
+    import re
+
+    from qvl.train.loop import AnswerBoxHead, decoder_layers
+
+    model, tok = micro_model(generation, tok_dir)
+    on = small(S.get("ground"), answer_weight=0.5, answer_layer=1)
+    stage = replace(on, mix={"ground": 1.0})
+    samples = [S.sample_at(stage, generation, i) for i in range(3)]
+    coll = Collator(generation, tok, model.config, loss="assistant", dense=True, gen1_image_size=56, boxes=True)
+    batch = coll(samples)
+    head, dense = AnswerBoxHead(model.config.text.hidden_size, 1), DenseHead.for_model(model)
+    caught = []
+    hook = decoder_layers(model)[1].register_forward_hook(lambda m, a, o: caught.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        loss_on, metrics = TrainModule(model, on, dense, answer_head=head)(batch)
+    hook.remove()
+    with torch.no_grad():
+        loss_off, _ = TrainModule(model, replace(on, answer_weight=0.0), dense)(batch)
+    digit = {d: tok.encode(str(d))[0] for d in range(10)}
+    box = {"1": r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)", "2.5": r'"bbox_2d": \[(\d+), (\d+), (\d+), (\d+)\]'}[generation]
+    preds, targets = [], []
+    for r, s in enumerate(samples):
+        numbers = [int(v) for v in re.search(box, s.messages[-1]["content"]).groups()]
+        h, w = s.media["resized_size"]
+        sides = (1000,) * 4 if generation == "1" else (w, h, w, h)
+        ids = batch["input_ids"][r].tolist()
+        i = len(ids) - 1 - ids[::-1].index(tok.im_start_id)  # the assistant turn starts here
+        if generation == "2.5":
+            i += ids[i:].index(tok.encode("bbox")[0])  # after the key, whose "2" is no coordinate
+        for k, (n, side) in enumerate(zip(numbers, sides)):
+            want = [digit[int(c)] for c in str(n)]
+            while ids[i:i + len(want)] != want or ids[i - 1] in digit.values():
+                i += 1
+            preds.append((caught[0][r, i - 1] @ head.proj.weight.T + head.proj.bias)[k])
+            targets.append(n / side)
+            i += len(want)
+    assert len(targets) == 12
+    expected = ((torch.stack(preds) - torch.tensor(targets)) ** 2).mean()
+    assert torch.allclose(metrics["box_mse"], expected, atol=1e-6)
+    assert torch.allclose(loss_on - loss_off, 0.5 * expected, atol=1e-5)
+
+
+def test_answer_head_learns_in_the_ground_phase_and_travels_to_stage_3(tok_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from qvl.train.loop import ANSWER_HEAD_FILE
+
+    model, _ = micro_model("2", tok_dir)
+    init = tiny.save_model(model, tmp_path / "init", tok_dir)
+    ground = small(S.get("ground"), batch_size=4, answer_weight=5.0, answer_layer=1, lr=3e-3, mix={"ground": 1.0})
+    train(ground, "2", tmp_path / "g", 160, init=init, workers=0, quiet=True)
+    mse = [float(r["box_mse"]) for r in csv.DictReader(open(tmp_path / "g" / "loss.csv")) if r.get("box_mse")]
+    assert len(mse) == 40 and sum(mse[-8:]) < 0.5 * sum(mse[:8]), mse
+    first = load_file(str(tmp_path / "g" / ANSWER_HEAD_FILE))
+    s3 = small(S.get("stage3"), batch_size=2, answer_weight=1.0, answer_layer=1)
+    train(s3, "2", tmp_path / "s3", 4, init=tmp_path / "g", workers=0, quiet=True)
+    state = torch.load(tmp_path / "s3" / "state.pt", weights_only=True)["module"]
+    assert any(not torch.equal(state[f"answer_head.{k}"], v) for k, v in first.items())
+
+
+def test_answer_loss_refuses_dpo_and_a_missing_layer(tok_dir, tmp_path):
+    model, _ = micro_model("1", tok_dir)
+    init = tiny.save_model(model, tmp_path / "g1", tok_dir)
+    with pytest.raises(ValueError, match="layers 0-1"):
+        train(small(S.get("ground"), answer_weight=1.0, answer_layer=2), "1", tmp_path / "o1", 2, init=init,
+              workers=0, quiet=True)
+    with pytest.raises(ValueError, match="text or assistant loss"):
+        train(small(S.get("dpo"), answer_weight=1.0, answer_layer=0), "1", tmp_path / "o2", 2, init=init,
+              workers=0, quiet=True)
+
+
+def test_recipe_flags_put_each_loss_in_its_stages(monkeypatch):
+    """--position-loss: stage 2, ground, stage 3 of gens 2 / 2.5 (gen 1 has no M-RoPE grid); --answer-loss:
+    ground and stage 3 of every generation; both beside any --object-curriculum."""
+    from qvl.train import __main__ as R
+
+    seen = {}
+    monkeypatch.setattr(R, "run_recipe", lambda g, *a, stage_overrides=None, **k: seen.__setitem__(g, stage_overrides))
+    R.recipe_main(["--generation", "all", "--out", "/nonexistent/out", "--position-loss", "0.5", "--position-layer", "2",
+                   "--answer-loss", "2", "--answer-layer", "6", "--object-curriculum", "0.5:1"])
+    pos, ans = dict(position_weight=0.5, position_layer=2), dict(answer_weight=2.0, answer_layer=6)
+    curriculum = {"curriculum": ((0.5, {"max_objects": 1}),)}
+    for g in ("2", "2.5"):
+        assert seen[g] == {"stage2": {**curriculum, **pos}, "ground": {**pos, **ans}, "stage3": {**pos, **ans}}
+    assert seen["1"] == {"stage2": curriculum, "ground": ans, "stage3": ans}
