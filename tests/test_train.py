@@ -426,6 +426,12 @@ def test_join_puts_the_lm_stand_ins_decoder_on_the_vision_stand_in(tok_dir, tmp_
     tiny.save_model(micro_model("1", tok_dir)[0], tmp_path / "lm1" / "model", tok_dir)
     with pytest.raises(ValueError, match="cannot join it to"):
         join(tmp_path / "vp", tmp_path / "lm1", tmp_path / "bad")
+    # nor a decoder trained at another rotary base: its weights would run at the vision stand-in's theta
+    tok = tiny.load_tokenizer("2.5", tok_dir)
+    other = tiny.new_model("2.5", tok, decoder={**MICRO_DECODER, "rope_theta": 1000.0}, vision=MICRO_VISION)
+    tiny.save_model(other, tmp_path / "lm1000" / "model", tok_dir)
+    with pytest.raises(ValueError, match="rope_theta 1000.0 vs 10000.0"):
+        join(tmp_path / "vp", tmp_path / "lm1000", tmp_path / "bad1000")
 
 
 def test_recipe_chains_text_phases_from_a_fresh_decoder_and_joins_them_at_stage1(tok_dir, tmp_path, monkeypatch):

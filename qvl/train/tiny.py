@@ -242,8 +242,13 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 def graft(model: nn.Module, donor: nn.Module, vision: bool) -> None:
     """Put `donor`'s vision tower (ViT + adapter; `vision=True`) or everything else (the decoder) in place of
-    `model`'s own, in place. Raises ValueError when the donor lacks a tensor or holds one of another shape."""
+    `model`'s own, in place. Raises ValueError when the donor lacks a tensor or holds one of another shape, or
+    (decoder) was built with another text config: weights trained at one rotary base are wrong at another."""
     prefix = "transformer.visual." if model.generation == "1" else "visual."
+    if not vision and model.config.text != donor.config.text:  # e.g. a rope_theta the weights were not trained at
+        diff = [f"{k} {getattr(donor.config.text, k, None)} vs {v}" for k, v in vars(model.config.text).items()
+                if getattr(donor.config.text, k, None) != v]
+        raise ValueError(f"the donor's decoder config differs from this model's ({', '.join(diff)})")
     own, theirs = model.state_dict(), donor.state_dict()
     keys = [k for k in own if k.startswith(prefix) == vision]
     bad = [k for k in keys if k not in theirs or theirs[k].shape != own[k].shape]
