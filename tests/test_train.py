@@ -377,11 +377,17 @@ def test_saved_tiny_models_open_with_qvl_load_and_answer(generation, tok_dir, tm
     assert vlm.generation == generation
 
 
-def test_transformers_loads_the_tiny_qwen2_5_vl_with_the_same_logits(tok_dir, tmp_path):
+@pytest.mark.parametrize("section", [None, [1, 1, 6]])
+def test_transformers_loads_the_tiny_qwen2_5_vl_with_the_same_logits(section, tok_dir, tmp_path):
+    """Also with a non-default mrope_section (the recipe's --mrope-section): it travels in config.json's
+    rope_scaling and transformers rotates by it as qvl does."""
     transformers = pytest.importorskip("transformers")
     import qvl
 
-    model, _ = micro_model("2.5", tok_dir)
+    from _tiny import randomize_  # weights large enough that attention is not uniform (and positions matter)
+
+    decoder = {**MICRO_DECODER, **({"mrope_section": section} if section else {})}
+    model = randomize_(tiny.new_model("2.5", tiny.load_tokenizer("2.5", tok_dir), decoder=decoder, vision=MICRO_VISION))
     tiny.save_model(model, tmp_path / "m", tok_dir)
     vlm = qvl.load(tmp_path / "m", device="cpu")
     s = next(iterate("2.5", mix={"ground": 1.0}))
@@ -394,6 +400,14 @@ def test_transformers_loads_the_tiny_qwen2_5_vl_with_the_same_logits(tok_dir, tm
         theirs = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     pixel_values=batch.vision["pixel_values"], image_grid_thw=batch.vision["image_grid_thw"]).logits
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert hf.config.text_config.rope_scaling["mrope_section"] == (section or [2, 3, 3])
+    if section:  # the section changes the answer: a run that ignored it would not match
+        plain = tiny.new_model("2.5", tiny.load_tokenizer("2.5", tok_dir), decoder=MICRO_DECODER, vision=MICRO_VISION)
+        plain.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            other = plain(plain.embed(batch.input_ids, **{k: v for k, v in batch.vision.items()
+                                                        if k != "second_per_grid_ts"}), batch.position_ids)
+        assert not torch.allclose(ours, other, atol=1e-3)
 
 
 def test_cli_help_lists_stages():
@@ -560,7 +574,9 @@ def test_recipe_rejects_malformed_variant_flags_in_one_line():
                               ("--position-loss", "-1", "--position-loss must be >= 0"),
                               ("--position-layer", "8", "--position-layer must be in 0-7"),
                               ("--answer-loss", "-2", "--answer-loss must be >= 0"),
-                              ("--answer-layer", "-1", "--answer-layer must be in 0-7")):
+                              ("--answer-layer", "-1", "--answer-layer must be in 0-7"),
+                              ("--mrope-section", "8,12,11", "--mrope-section: expected three positive integers"),
+                              ("--mrope-section", "a,b,c", "--mrope-section: expected three positive integers")):
         out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", flag, value], capture_output=True, text=True)
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert says in out.stderr.strip().splitlines()[-1]

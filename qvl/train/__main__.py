@@ -213,6 +213,10 @@ def recipe_main(argv) -> int:
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--rope-theta", type=float, default=None,
                     help="decoder rotary base (default tiny.DECODER's 10^4; docs/training_log.md session 6)")
+    ap.add_argument("--mrope-section", default=None, metavar="T,H,W",
+                    help="gens 2 / 2.5: rotary pairs per M-RoPE axis (default the released 1/4 : 3/8 : 3/8, 8,12,12); "
+                         "w always takes the lowest frequencies, so a smaller t + h gives the columns faster ones "
+                         "(docs/training_log.md session 16)")
     ap.add_argument("--object-curriculum", default=None, metavar="F:N,...",
                     help="stage 2 draws at most N shapes per scene before fraction F of its samples, e.g. 0.25:1,0.5:2")
     ap.add_argument("--position-loss", type=float, default=0.0, metavar="W",
@@ -234,7 +238,18 @@ def recipe_main(argv) -> int:
             ap.error(f"--{flag}-layer must be in 0-{tiny.DECODER['layers'] - 1}, got {getattr(a, f'{flag}_layer')}")
     if a.rope_theta is not None and not a.rope_theta > 1:
         ap.error(f"--rope-theta must be > 1 (the rotary base), got {a.rope_theta}")
-    decoder = {"rope_theta": a.rope_theta} if a.rope_theta else None
+    decoder = {"rope_theta": a.rope_theta} if a.rope_theta else {}
+    if a.mrope_section:
+        half = tiny.DECODER["hidden"] // tiny.DECODER["heads"] // 2
+        try:
+            section = [int(x) for x in a.mrope_section.split(",")]
+        except ValueError:
+            section = []
+        if len(section) != 3 or min(section) < 1 or sum(section) != half:
+            ap.error(f"--mrope-section: expected three positive integers T,H,W summing to {half} (the decoder's "
+                     f"rotary pairs), got {a.mrope_section!r}")
+        decoder["mrope_section"] = section  # gen 1 has no M-RoPE and ignores it
+    decoder = decoder or None
     overrides = {}
     if a.object_curriculum:
         try:

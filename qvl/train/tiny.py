@@ -96,7 +96,7 @@ def qwen2_config(generation: str, tokenizer, decoder: dict | None = None, vision
     text = TextConfig(vocab_size=pad_vocab(len(tokenizer)), hidden_size=d["hidden"],
                       intermediate_size=d["intermediate"], num_hidden_layers=d["layers"],
                       num_attention_heads=d["heads"], num_key_value_heads=d["kv_heads"], rope_theta=d["rope_theta"],
-                      mrope_section=mrope_section(d["hidden"] // d["heads"]),
+                      mrope_section=list(d.get("mrope_section") or mrope_section(d["hidden"] // d["heads"])),
                       max_position_embeddings=4096, tie_word_embeddings=True)
     if generation == "2":
         vision = VisionConfig(depth=v["depth"], dim=v["dim"], num_heads=v["heads"], mlp_dim=v["mlp"],
