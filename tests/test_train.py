@@ -461,7 +461,7 @@ def test_recipe_chains_text_phases_from_a_fresh_decoder_and_joins_them_at_stage1
     calls = []
 
     def fake_train(stage, generation, out, samples, *, init=None, **kw):
-        calls.append((generation, stage.name, None if init is None else Path(init)))
+        calls.append((generation, stage.name, None if init is None else Path(init), samples))
         if init is None:
             model, src = micro_model(generation, tok_dir, seed=len(calls))[0], tok_dir
         else:
@@ -477,7 +477,7 @@ def test_recipe_chains_text_phases_from_a_fresh_decoder_and_joins_them_at_stage1
     shutil.copytree(tok_dir, work / "tokenizer")
     for g in ("2.5", "2"):
         R.run_recipe(g, out, work, scale=0.001, eval_n=1, dpo_eval_n=0, probe_n=0)
-    started = {(g, name): init for g, name, init in calls}
+    started = {(g, name): init for g, name, init, _ in calls}
     text = [n for n in S.ORDER if S.get(n).source == "drills"]
     assert text[-1] == "lm-pretrain" and len(text) > 1
     g25 = work / "gen2.5"
@@ -486,7 +486,7 @@ def test_recipe_chains_text_phases_from_a_fresh_decoder_and_joins_them_at_stage1
         assert started["2.5", name] == g25 / before
     assert started["2.5", "stage1"] == g25 / "stage1" / "start"
     assert started["2.5", "stage2"] == g25 / "stage1"
-    assert not [n for g, n, _ in calls if g == "2" and n in text]  # gen 2 shares the text phases
+    assert not [n for g, n, _, _ in calls if g == "2" and n in text]  # gen 2 shares the text phases
     for g, vision_dir in (("2.5", g25 / "vision-pretrain"), ("2", work / "gen2" / "vision-pretrain")):
         start = tiny.load_model(work / f"gen{g}" / "stage1" / "start" / "model").state_dict()
         v, d = tiny.load_model(vision_dir / "model").state_dict(), tiny.load_model(g25 / "lm-pretrain" / "model").state_dict()
@@ -496,6 +496,16 @@ def test_recipe_chains_text_phases_from_a_fresh_decoder_and_joins_them_at_stage1
     assert json.loads((work / "gen2" / "report.json").read_text())["stages"]["lm-pretrain"]["shared_from"] == str(
         g25 / "lm-pretrain")
     assert R.shared_lm("1", work) is None and R.shared_lm("2", work) == g25 / "lm-pretrain"
+    # the ground phase is off by default (budget 0): stage 3 follows stage 2; asked for, it sits between them
+    assert ("2.5", "ground") not in started and started["2.5", "stage3"] == g25 / "stage2"
+    calls.clear()
+    work2 = tmp_path / "work2"
+    shutil.copytree(tok_dir, work2 / "tokenizer")
+    R.run_recipe("2.5", tmp_path / "out2", work2, scale=0.001, eval_n=1, dpo_eval_n=0, probe_n=0,
+                 budgets={"ground": 16_000})
+    started = {name: (init, samples) for g, name, init, samples in calls}
+    assert started["ground"] == (work2 / "gen2.5" / "stage2", 16)
+    assert started["stage3"][0] == work2 / "gen2.5" / "ground"
 
 
 def test_lm_pretrain_probe_asks_the_held_out_questions_as_text(tok_dir, tmp_path):
@@ -576,7 +586,8 @@ def test_recipe_rejects_malformed_variant_flags_in_one_line():
                               ("--answer-loss", "-2", "--answer-loss must be >= 0"),
                               ("--answer-layer", "-1", "--answer-layer must be in 0-7"),
                               ("--mrope-section", "8,12,11", "--mrope-section: expected three positive integers"),
-                              ("--mrope-section", "a,b,c", "--mrope-section: expected three positive integers")):
+                              ("--mrope-section", "a,b,c", "--mrope-section: expected three positive integers"),
+                              ("--ground-samples", "-5", "--ground-samples must be >= 0")):
         out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", flag, value], capture_output=True, text=True)
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert says in out.stderr.strip().splitlines()[-1]

@@ -102,10 +102,12 @@ def probe(stage_dir: Path, generation: str, n: int, device=None) -> dict:
 
 def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, device=None, workers=None,
                eval_n: int = 200, dpo_eval_n: int = 50, seed: int = 0, fsdp: bool = False,
-               probe_n: int = 32, decoder: dict | None = None, stage_overrides: dict | None = None) -> dict:
+               probe_n: int = 32, decoder: dict | None = None, stage_overrides: dict | None = None,
+               budgets: dict | None = None) -> dict:
     """All stages for one generation -> OUT/qvl-tiny-{generation}; returns a report dict.
-    `decoder` overrides tiny.DECODER for the fresh model; `stage_overrides` = {stage name: {Stage field: value}}
-    (both recorded in the report, so a variant of the recipe says what it changed)."""
+    `decoder` overrides tiny.DECODER for the fresh model; `stage_overrides` = {stage name: {Stage field: value}};
+    `budgets` = {stage name: samples} over stages.BUDGETS (all recorded in the report, so a variant of the recipe
+    says what it changed). A stage whose budget is 0 is skipped."""
     from dataclasses import replace
     import torch.distributed as dist
 
@@ -119,10 +121,10 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
         dist.barrier()
     gdir = work / f"gen{generation}"
     report: dict = {"generation": generation, "stages": {}}
-    if decoder or stage_overrides:
-        report["variant"] = {"decoder": decoder or {}, "stages": stage_overrides or {}}
+    if decoder or stage_overrides or budgets:
+        report["variant"] = {"decoder": decoder or {}, "stages": stage_overrides or {}, "budgets": budgets or {}}
     stage_overrides = stage_overrides or {}
-    budget = {k: max(1, int(v * scale)) for k, v in S.BUDGETS.items()}
+    budget = {k: max(1, int(v * scale)) if v else 0 for k, v in {**S.BUDGETS, **(budgets or {})}.items()}
     # Two chains, as in the papers: the vision stand-in (vision-pretrain) and the LM stand-in (the text
     # phases, from a fresh decoder), joined where stage 1 starts (loop.join); then one chain to the end.
     prev = None  # the last stage of the vision / main chain
@@ -131,6 +133,9 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
     for name in S.ORDER:
         sdir = gdir / name
         text = S.get(name).source == "drills"
+        if not budget[name]:
+            report["stages"][name] = {"skipped": "budget 0"}
+            continue
         if text and donor is not None:
             report["stages"][name] = {"shared_from": str(donor.parent / name)}
             lm = donor
@@ -227,6 +232,9 @@ def recipe_main(argv) -> int:
                     help="weight of a read-out of each box number from the answer's states that write it, in the "
                          "ground phase and stage 3 (loop.AnswerBoxHead; docs/training_log.md session 15); 0 = off")
     ap.add_argument("--answer-layer", type=int, default=5, help="decoder layer the --answer-loss reads")
+    ap.add_argument("--ground-samples", type=int, default=0, metavar="N",
+                    help="run the ground phase (stage 2's set-up, half grounding, one-shape scenes first) for N "
+                         "samples between stage 2 and stage 3; 0 = skip it (docs/training_log.md session 16)")
     _common(ap)
     a = ap.parse_args(argv)
     from qvl.train import tiny
@@ -236,6 +244,8 @@ def recipe_main(argv) -> int:
             ap.error(f"--{flag}-loss must be >= 0, got {getattr(a, f'{flag}_loss')}")
         if not 0 <= getattr(a, f"{flag}_layer") < tiny.DECODER["layers"]:
             ap.error(f"--{flag}-layer must be in 0-{tiny.DECODER['layers'] - 1}, got {getattr(a, f'{flag}_layer')}")
+    if a.ground_samples < 0:
+        ap.error(f"--ground-samples must be >= 0, got {a.ground_samples}")
     if a.rope_theta is not None and not a.rope_theta > 1:
         ap.error(f"--rope-theta must be > 1 (the rotary base), got {a.rope_theta}")
     decoder = {"rope_theta": a.rope_theta} if a.rope_theta else {}
@@ -275,7 +285,8 @@ def recipe_main(argv) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for g in gens:
         run_recipe(g, out, work, a.scale, a.device, a.workers, a.eval_n, dpo_eval_n=min(50, a.eval_n), seed=a.seed,
-                   fsdp=a.fsdp, probe_n=min(32, a.eval_n), decoder=decoder, stage_overrides=for_generation(g))
+                   fsdp=a.fsdp, probe_n=min(32, a.eval_n), decoder=decoder, stage_overrides=for_generation(g),
+                   budgets={"ground": a.ground_samples} if a.ground_samples else None)
     return 0
 
 

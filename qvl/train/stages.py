@@ -21,8 +21,9 @@ follow the papers' order (reference §8.1-8.3, `tiny_training_notes.md` for why 
   stage2           multi-task pre-training: everything trained, all tasks, native resolution (gen 1: its fixed
                    size), videos for gen 2/2.5; a small dense auxiliary loss keeps the vision features from
                    washing out (another of the notes' levers).
-  ground           stage 2 with grounding half the questions, one-shape scenes first (qvl-tiny's, see below);
-                   with --answer-loss, the box is also read out of the answer's own states.
+  ground           stage 2 with grounding half the questions, one-shape scenes first (qvl-tiny's, see below;
+                   only with --ground-samples N); with --answer-loss, the box is also read out of the answer's
+                   own states.
   stage3           SFT: chat format, multi-turn, loss on assistant tokens only, ViT frozen (Qwen-VL-Chat: "LLM
                    + adapter, ViT frozen"; Qwen2/2.5-VL post-training freezes the ViT too).
   rs-sft           SFT on rejection-sampled answers: only answers the model got right (see qvl.train.dpo).
@@ -160,11 +161,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 ORDER = ("vision-pretrain", "lm-colour", "lm-shape", "lm-box", "lm-pretrain", "stage1", "stage2", "ground", "stage3",
          "rs-sft", "dpo")
 
-# Samples per stage for `python -m qvl.train recipe` (multiplied by --scale). "rejection" = questions the
+# Samples per stage for `python -m qvl.train recipe` (multiplied by --scale); 0 = the stage is off unless asked
+# for (`ground`: --ground-samples; session 16 ran 16 000). "rejection" = questions the
 # stage-3 model answers; "rs-sft" trains on the accepted ones (epochs over them, capped by this number);
 # "dpo" = preference pairs seen.
 BUDGETS = {"vision-pretrain": 36_000, "lm-colour": 6_400, "lm-shape": 6_400, "lm-box": 6_400,
-           "lm-pretrain": 12_000, "stage1": 6_000, "stage2": 24_000, "ground": 16_000,
+           "lm-pretrain": 12_000, "stage1": 6_000, "stage2": 24_000, "ground": 0,
            "stage3": 4_000, "rejection": 1_000, "rs-sft": 2_000, "dpo": 1_000}
 
 
