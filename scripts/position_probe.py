@@ -110,7 +110,7 @@ def box_errors(vlm, generation: str, n: int) -> dict:
 def answer_positions(vlm, generation: str, n: int) -> dict:
     """{layer: [R² x1, R² y1]} at the positions writing x1's and y1's first digit (teacher-forced)."""
     from qvl.models.qwen2_vl import Capture
-    from qvl.train.batching import Collator, answer_numbers, embed_kwargs
+    from qvl.train.batching import Collator, answer_boxes, embed_kwargs
 
     if generation == "1":
         raise SystemExit("answer: gen 2 / 2.5 only")
@@ -121,7 +121,8 @@ def answer_positions(vlm, generation: str, n: int) -> dict:
     targets = []
     for s in one_shape_grounding(generation, n):
         b = coll([s])
-        starts = [i for i, _ in answer_numbers(b["input_ids"][0], b["labels"][0], vlm.tokenizer)[:2]]  # x1, y1
+        written = answer_boxes(b["input_ids"][0], b["labels"][0], vlm.tokenizer, generation)[0]
+        starts = [written[0][0], written[1][0]]  # first-digit positions of x1, y1
         cap = Capture(hidden_layers=layers)
         with torch.no_grad():
             model(model.embed(b["input_ids"], **embed_kwargs(b["vision"])), b["positions"], capture=cap)

@@ -311,28 +311,34 @@ def embed_kwargs(vision: dict) -> dict:
     return {k: v for k, v in vision.items() if k != "second_per_grid_ts" and v is not None}
 
 
-def answer_numbers(ids: torch.Tensor, labels: torch.Tensor, tokenizer) -> list[tuple[int, int]]:
-    """(index of the first digit, value) of each number in one row's labelled (answer) tokens. Qwen tokenizers
-    split digits one per token, so a number is a run of consecutive digit tokens (a box's x1 y1 x2 y2 in
-    either generation's notation) -- unless a letter or "_" touches it: the "2" of gen 2.5's `"bbox_2d"` key
-    is part of a word, not a number."""
-    answer = (labels != IGNORE).nonzero().flatten().tolist()
-    text = {i: tokenizer.decode([int(ids[i])]) for i in answer}
+def _answer_text(ids: torch.Tensor, labels: torch.Tensor, tokenizer) -> dict[int, str]:
+    """{index: decoded token} of one row's labelled (answer) tokens, in order."""
+    return {i: tokenizer.decode([int(ids[i])]) for i in (labels != IGNORE).nonzero().flatten().tolist()}
 
+
+def _numbers(text: dict[int, str]) -> list[tuple[int, int]]:
     def wordy(i: int, side: int) -> bool:  # does token i's neighbour touch it with a letter or "_"?
         t = text.get(i + side, "")
         c = t[:1] if side > 0 else t[-1:]
         return c.isalpha() or c == "_"
 
     runs: list[list[int]] = []
-    for i in answer:
-        if text[i].strip().isdigit():
+    for i, t in text.items():
+        if t.strip().isdigit():
             if runs and runs[-1][-1] == i - 1:
                 runs[-1].append(i)
             else:
                 runs.append([i])
     return [(r[0], int("".join(text[i].strip() for i in r))) for r in runs
             if not (wordy(r[0], -1) or wordy(r[-1], 1))]
+
+
+def answer_numbers(ids: torch.Tensor, labels: torch.Tensor, tokenizer) -> list[tuple[int, int]]:
+    """(index of the first digit, value) of each number in one row's labelled (answer) tokens. Qwen tokenizers
+    split digits one per token, so a number is a run of consecutive digit tokens (a box's x1 y1 x2 y2 in
+    either generation's notation) -- unless a letter or "_" touches it: the "2" of gen 2.5's `"bbox_2d"` key
+    is part of a word, not a number."""
+    return _numbers(_answer_text(ids, labels, tokenizer))
 
 
 # The token that opens a box in each generation's answer notation (qvl.grounding): the four numbers after it
@@ -343,9 +349,8 @@ BOX_MARKERS = {"1": "<box>", "2": "<|box_start|>", "2.5": "bbox"}
 def answer_boxes(ids: torch.Tensor, labels: torch.Tensor, tokenizer, generation: str) -> list[list[tuple[int, int]]]:
     """The boxes one row's answers write: per box marker among the labelled tokens, the (first-digit index,
     value) of the four numbers after it (a box cut short by truncation is dropped)."""
+    text = _answer_text(ids, labels, tokenizer)
     marker = BOX_MARKERS[str(generation)]
-    answer = (labels != IGNORE).nonzero().flatten().tolist()
-    starts = [i for i in answer if tokenizer.decode([int(ids[i])]).strip() == marker]
-    numbers = answer_numbers(ids, labels, tokenizer)
-    boxes = [[n for n in numbers if n[0] > m][:4] for m in starts]
+    numbers = _numbers(text)
+    boxes = [[n for n in numbers if n[0] > m][:4] for m, t in text.items() if t.strip() == marker]
     return [b for b in boxes if len(b) == 4]
