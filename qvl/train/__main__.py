@@ -233,7 +233,7 @@ def recipe_main(argv) -> int:
                          "ground phase and stage 3 (loop.AnswerBoxHead; docs/training_log.md session 15); 0 = off")
     ap.add_argument("--answer-layer", type=int, default=5, help="decoder layer the --answer-loss reads")
     ap.add_argument("--ground-samples", type=int, default=0, metavar="N",
-                    help="run the ground phase (stage 2's set-up, half grounding, one-shape scenes first) for N "
+                    help="run the ground phase (stage 2's set-up, two in three questions grounding, one-shape scenes first) for N "
                          "samples between stage 2 and stage 3; 0 = skip it (docs/training_log.md session 16)")
     _common(ap)
     a = ap.parse_args(argv)
