@@ -176,8 +176,9 @@ class AnswerBoxHead(nn.Module):
     the digits (scripts/position_probe.py `answer`, R² <= 0.1). With this read-out on 1 200 steps of one-shape
     grounding drills those states fetched it (R² x1 / y1 0.76 / 0.87) and box centres beat a constant guess for
     the first time (docs/training_log.md, sessions 15-16); in the recipe, a ground phase with as much one-shape
-    grounding (24 000 samples) did the same for one-shape scenes, not yet with several shapes (session 17). It asks for the number directly, a regression target with a
-    gradient at every digit-writing state, where the LM loss gives one only through the right first digit.
+    grounding (24 000 samples) did the same for one-shape scenes, not yet with several shapes (session 17). It
+    asks for the number directly, a regression target with a gradient at every digit-writing state, where the LM
+    loss gives one only through the right first digit.
     Works for every generation (it needs no M-RoPE). Training-only, not part of the checkpoint."""
 
     def __init__(self, hidden: int, layer: int):

@@ -164,8 +164,8 @@ ORDER = ("vision-pretrain", "lm-colour", "lm-shape", "lm-box", "lm-pretrain", "s
 
 # Samples per stage for `python -m qvl.train recipe` (multiplied by --scale); 0 = the stage is off unless asked
 # for (`ground`: --ground-samples; session 17's 24 000 hold the ~12 000 one-shape grounding samples it needs).
-# "rejection" = questions the stage-3 model answers; "rs-sft" trains on the accepted ones (epochs over them, capped by this number);
-# "dpo" = preference pairs seen.
+# "rejection" = questions the stage-3 model answers; "rs-sft" trains on the accepted ones (epochs over them,
+# capped by this number); "dpo" = preference pairs seen.
 BUDGETS = {"vision-pretrain": 36_000, "lm-colour": 6_400, "lm-shape": 6_400, "lm-box": 6_400,
            "lm-pretrain": 12_000, "stage1": 6_000, "stage2": 24_000, "ground": 0,
            "stage3": 4_000, "rejection": 1_000, "rs-sft": 2_000, "dpo": 1_000}
