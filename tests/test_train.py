@@ -478,8 +478,9 @@ def test_recipe_chains_text_phases_from_a_fresh_decoder_and_joins_them_at_stage1
     for g in ("2.5", "2"):
         R.run_recipe(g, out, work, scale=0.001, eval_n=1, dpo_eval_n=0, probe_n=0)
     started = {(g, name): init for g, name, init, _ in calls}
-    text = [n for n in S.ORDER if S.get(n).source == "drills"]
+    text = [n for n in S.ORDER if S.get(n).source == "drills" and ("2.5", n) in started]
     assert text[-1] == "lm-pretrain" and len(text) > 1
+    assert "lm-word" not in text  # off by default (budget 0)
     g25 = work / "gen2.5"
     assert started["2.5", text[0]] is None and started["2.5", "vision-pretrain"] is None
     for before, name in zip(text, text[1:]):
@@ -502,9 +503,12 @@ def test_recipe_chains_text_phases_from_a_fresh_decoder_and_joins_them_at_stage1
     work2 = tmp_path / "work2"
     shutil.copytree(tok_dir, work2 / "tokenizer")
     R.run_recipe("2.5", tmp_path / "out2", work2, scale=0.001, eval_n=1, dpo_eval_n=0, probe_n=0,
-                 budgets={"ground": 16_000})
+                 budgets={"ground": 16_000, "lm-word": 6_400})
     started = {name: (init, samples) for g, name, init, samples in calls}
     assert started["ground"] == (work2 / "gen2.5" / "stage2", 16)
+    # asked for, lm-word sits between lm-box and lm-pretrain
+    assert started["lm-word"] == (work2 / "gen2.5" / "lm-box", 6)
+    assert started["lm-pretrain"][0] == work2 / "gen2.5" / "lm-word"
     assert started["stage3"][0] == work2 / "gen2.5" / "ground"
 
 
@@ -575,6 +579,33 @@ def test_a_fresh_model_takes_the_decoder_overrides(generation, tok_dir, tmp_path
     assert cfg["rotary_emb_base" if generation == "1" else "rope_theta"] == 100.0
 
 
+def test_word_phase_drills_copy_the_one_quoted_word_and_the_flag_sets_its_budget(monkeypatch):
+    """lm-word: the scene as text with one shape and at most one word, mostly "what does the text say?" answered
+    by that word; --word-samples N gives the phase N samples (and --ground-samples still works beside it)."""
+    import re
+
+    from qvl.train import __main__ as R
+
+    samples = [S.sample_at(S.get("lm-word"), "2.5", i) for i in range(40)]
+    ocr = [s for s in samples if s.task == "ocr"]
+    assert len(ocr) > len(samples) / 2
+    shapes = []
+    for s in samples:
+        scene = s.messages[0]["content"][0]["text"].split("\n")[0]
+        assert scene.startswith("Scene:") and scene.count('the text "') <= 1
+        shapes.append(len(re.findall(r"\b(?:a|an) \w+ (?:circle|square|triangle|star|cross) at", scene)))
+    assert max(shapes) == 1
+    for s in ocr:
+        word = re.search(r'the text "([^"]+)"', s.messages[0]["content"][0]["text"]).group(1)
+        assert s.messages[1]["content"] == word
+    seen = {}
+    monkeypatch.setattr(R, "run_recipe", lambda g, *a, budgets=None, **k: seen.__setitem__(g, budgets))
+    R.recipe_main(["--generation", "2.5", "--out", "/nonexistent/out", "--word-samples", "25600"])
+    R.recipe_main(["--generation", "2", "--out", "/nonexistent/out", "--word-samples", "100", "--ground-samples", "7"])
+    R.recipe_main(["--generation", "1", "--out", "/nonexistent/out"])
+    assert seen == {"2.5": {"lm-word": 25600}, "2": {"ground": 7, "lm-word": 100}, "1": None}
+
+
 def test_recipe_rejects_malformed_variant_flags_in_one_line():
     import subprocess
     import sys
@@ -587,7 +618,8 @@ def test_recipe_rejects_malformed_variant_flags_in_one_line():
                               ("--answer-layer", "-1", "--answer-layer must be in 0-7"),
                               ("--mrope-section", "8,12,11", "--mrope-section: expected three positive integers"),
                               ("--mrope-section", "a,b,c", "--mrope-section: expected three positive integers"),
-                              ("--ground-samples", "-5", "--ground-samples must be >= 0")):
+                              ("--ground-samples", "-5", "--ground-samples must be >= 0"),
+                              ("--word-samples", "-1", "--word-samples must be >= 0")):
         out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", flag, value], capture_output=True, text=True)
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert says in out.stderr.strip().splitlines()[-1]

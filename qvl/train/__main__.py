@@ -235,6 +235,9 @@ def recipe_main(argv) -> int:
     ap.add_argument("--ground-samples", type=int, default=0, metavar="N",
                     help="run the ground phase (stage 2's set-up, two in three questions grounding, one-shape scenes first) for N "
                          "samples between stage 2 and stage 3; 0 = skip it (docs/training_log.md session 16)")
+    ap.add_argument("--word-samples", type=int, default=0, metavar="N",
+                    help="run the lm-word text phase (copy the quoted word: one shape and one text per scene) for N "
+                         "samples between lm-box and lm-pretrain; 0 = skip it (docs/training_log.md session 18)")
     _common(ap)
     a = ap.parse_args(argv)
     from qvl.train import tiny
@@ -244,8 +247,9 @@ def recipe_main(argv) -> int:
             ap.error(f"--{flag}-loss must be >= 0, got {getattr(a, f'{flag}_loss')}")
         if not 0 <= getattr(a, f"{flag}_layer") < tiny.DECODER["layers"]:
             ap.error(f"--{flag}-layer must be in 0-{tiny.DECODER['layers'] - 1}, got {getattr(a, f'{flag}_layer')}")
-    if a.ground_samples < 0:
-        ap.error(f"--ground-samples must be >= 0, got {a.ground_samples}")
+    for flag in ("ground", "word"):
+        if getattr(a, f"{flag}_samples") < 0:
+            ap.error(f"--{flag}-samples must be >= 0, got {getattr(a, f'{flag}_samples')}")
     if a.rope_theta is not None and not a.rope_theta > 1:
         ap.error(f"--rope-theta must be > 1 (the rotary base), got {a.rope_theta}")
     decoder = {"rope_theta": a.rope_theta} if a.rope_theta else {}
@@ -286,7 +290,7 @@ def recipe_main(argv) -> int:
     for g in gens:
         run_recipe(g, out, work, a.scale, a.device, a.workers, a.eval_n, dpo_eval_n=min(50, a.eval_n), seed=a.seed,
                    fsdp=a.fsdp, probe_n=min(32, a.eval_n), decoder=decoder, stage_overrides=for_generation(g),
-                   budgets={"ground": a.ground_samples} if a.ground_samples else None)
+                   budgets={k: v for k, v in (("ground", a.ground_samples), ("lm-word", a.word_samples)) if v} or None)
     return 0
 
 

@@ -9,7 +9,8 @@ follow the papers' order (reference §8.1-8.3, `tiny_training_notes.md` for why 
   lm-colour        the LM stand-in, a model of its own (as Qwen-7B is to Qwen-VL): a fresh decoder on text
   lm-shape         only -- the scene *written as text* then questions about it -- in focused phases, one skill
   lm-box           each on scenes with one shape (copy its colour, its kind, its box; the box phase replays
-  lm-pretrain      the other two), then every drill on full scenes (look an object up among several). All at
+  lm-word          the other two; lm-word, only with --word-samples N: the one quoted word), then every drill
+  lm-pretrain      on full scenes (look an object up among several). All at
                    lr 3e-4: at the old 2e-3 the decoder copied nothing in 400 steps, at 3e-4 it copies colours
                    after 400, and mixed from the start no copy forms at all (docs/training_log.md, sessions 9-10;
                    the shape copy did not form in 200 steps with colour replayed, it did in 400 without).
@@ -128,6 +129,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("lm-box", train=("llm",), source="drills", loss="assistant",
           mix={"ground": 1.0, "color": 0.25, "shape": 0.25}, lr=3e-4,
           data=dict(max_turns=3, scene=dict(max_objects=1)), seed_offset=22_000_000, batch_size=16),
+    # The word copy (OCR from the scene as text): every dictionary word is one token, so this is a one-token copy
+    # among ~104 -- it did not form in lm-pretrain's mix or in 400 focused steps, and did in 1 600 (400 + 1 200, two
+    # schedules; one-text drills 3 -> 37 / 40, the text probe's OCR 0 -> 55 %; session 18). Off unless asked for
+    # (--word-samples).
+    Stage("lm-word", train=("llm",), source="drills", loss="assistant",
+          mix={"ocr": 1.0, "color": 0.25, "shape": 0.25, "ground": 0.25}, lr=3e-4,
+          data=dict(max_turns=3, scene=dict(max_objects=1, max_texts=1)), seed_offset=24_000_000, batch_size=16),
     Stage("lm-pretrain", train=("llm",), source="drills", loss="assistant", mix=DRILL_MIX, lr=3e-4,
           data=dict(max_turns=3), seed_offset=23_000_000, batch_size=16),
     # Stage 1 scores the answers only: with `text` 26 of 44 labelled tokens per row were the chat template
@@ -159,14 +167,15 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("dpo", train=("adapter", "llm"), source="records", loss="dpo", lr=2e-5, beta=0.1, nll_weight=1.0,
           warmup=0.1, seed_offset=70_000_000, batch_size=8, weight_decay=0.0),
 )}
-ORDER = ("vision-pretrain", "lm-colour", "lm-shape", "lm-box", "lm-pretrain", "stage1", "stage2", "ground", "stage3",
-         "rs-sft", "dpo")
+ORDER = ("vision-pretrain", "lm-colour", "lm-shape", "lm-box", "lm-word", "lm-pretrain", "stage1", "stage2", "ground",
+         "stage3", "rs-sft", "dpo")
 
 # Samples per stage for `python -m qvl.train recipe` (multiplied by --scale); 0 = the stage is off unless asked
-# for (`ground`: --ground-samples; session 17's 24 000 hold the ~12 000 one-shape grounding samples it needs).
+# for (`ground`: --ground-samples; session 17's 24 000 hold the ~12 000 one-shape grounding samples it needs;
+# `lm-word`: --word-samples; the copy formed within 25 600, session 18).
 # "rejection" = questions the stage-3 model answers; "rs-sft" trains on the accepted ones (epochs over them,
 # capped by this number); "dpo" = preference pairs seen.
-BUDGETS = {"vision-pretrain": 36_000, "lm-colour": 6_400, "lm-shape": 6_400, "lm-box": 6_400,
+BUDGETS = {"vision-pretrain": 36_000, "lm-colour": 6_400, "lm-shape": 6_400, "lm-box": 6_400, "lm-word": 0,
            "lm-pretrain": 12_000, "stage1": 6_000, "stage2": 24_000, "ground": 0,
            "stage3": 4_000, "rejection": 1_000, "rs-sft": 2_000, "dpo": 1_000}
 
