@@ -584,6 +584,7 @@ def test_word_phase_drills_copy_the_one_quoted_word_and_the_flag_sets_its_budget
     by that word; --word-samples N gives the phase N samples (and --ground-samples still works beside it)."""
     import re
 
+    from qvl.data.world import KINDS
     from qvl.train import __main__ as R
 
     samples = [S.sample_at(S.get("lm-word"), "2.5", i) for i in range(40)]
@@ -593,7 +594,7 @@ def test_word_phase_drills_copy_the_one_quoted_word_and_the_flag_sets_its_budget
     for s in samples:
         scene = s.messages[0]["content"][0]["text"].split("\n")[0]
         assert scene.startswith("Scene:") and scene.count('the text "') <= 1
-        shapes.append(len(re.findall(r"\b(?:a|an) \w+ (?:circle|square|triangle|star|cross) at", scene)))
+        shapes.append(len(re.findall(rf"\b(?:a|an) \w+ (?:{'|'.join(KINDS)}) at", scene)))
     assert max(shapes) == 1
     for s in ocr:
         word = re.search(r'the text "([^"]+)"', s.messages[0]["content"][0]["text"]).group(1)

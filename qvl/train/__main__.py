@@ -247,9 +247,10 @@ def recipe_main(argv) -> int:
             ap.error(f"--{flag}-loss must be >= 0, got {getattr(a, f'{flag}_loss')}")
         if not 0 <= getattr(a, f"{flag}_layer") < tiny.DECODER["layers"]:
             ap.error(f"--{flag}-layer must be in 0-{tiny.DECODER['layers'] - 1}, got {getattr(a, f'{flag}_layer')}")
-    for flag in ("ground", "word"):
-        if getattr(a, f"{flag}_samples") < 0:
-            ap.error(f"--{flag}-samples must be >= 0, got {getattr(a, f'{flag}_samples')}")
+    optional = {"ground": a.ground_samples, "lm-word": a.word_samples}  # optional phase -> its --*-samples value
+    for name, n in optional.items():
+        if n < 0:
+            ap.error(f"--{name.removeprefix('lm-')}-samples must be >= 0, got {n}")
     if a.rope_theta is not None and not a.rope_theta > 1:
         ap.error(f"--rope-theta must be > 1 (the rotary base), got {a.rope_theta}")
     decoder = {"rope_theta": a.rope_theta} if a.rope_theta else {}
@@ -290,7 +291,7 @@ def recipe_main(argv) -> int:
     for g in gens:
         run_recipe(g, out, work, a.scale, a.device, a.workers, a.eval_n, dpo_eval_n=min(50, a.eval_n), seed=a.seed,
                    fsdp=a.fsdp, probe_n=min(32, a.eval_n), decoder=decoder, stage_overrides=for_generation(g),
-                   budgets={k: v for k, v in (("ground", a.ground_samples), ("lm-word", a.word_samples)) if v} or None)
+                   budgets={k: v for k, v in optional.items() if v} or None)
     return 0
 
 

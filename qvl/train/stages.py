@@ -9,7 +9,7 @@ follow the papers' order (reference §8.1-8.3, `tiny_training_notes.md` for why 
   lm-colour        the LM stand-in, a model of its own (as Qwen-7B is to Qwen-VL): a fresh decoder on text
   lm-shape         only -- the scene *written as text* then questions about it -- in focused phases, one skill
   lm-box           each on scenes with one shape (copy its colour, its kind, its box; the box phase replays
-  lm-word          the other two; lm-word, only with --word-samples N: the one quoted word), then every drill
+  lm-word          the other two; lm-word, only with --word-samples N, copies the one quoted word), then every drill
   lm-pretrain      on full scenes (look an object up among several). All at
                    lr 3e-4: at the old 2e-3 the decoder copied nothing in 400 steps, at 3e-4 it copies colours
                    after 400, and mixed from the start no copy forms at all (docs/training_log.md, sessions 9-10;
