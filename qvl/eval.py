@@ -9,7 +9,9 @@ Rows of the table:
   ground:     mean IoU of the first box (read in the generation's own convention) and % with IoU >= 0.5
   ocr:        exact match, also split by the smallest text height (>= 14 px / < 14 px)
   video_when: % of answers within +-0.5 s of the event
-plus a cost line: vision tokens per image and milliseconds per answer (batched, this machine).
+plus a cost line: vision tokens per image and milliseconds per answer (batched, this machine), and per task
+the score of the best *constant* answer (one of the set's most frequent answers, given to every question):
+what a model that ignores the image and the question gets, so a score is read against it, not against zero.
 
 `--ablation DIR DIR ...` puts generations side by side on the same held-out seeds: OCR split by text height,
 grounding, video timing, vision tokens and milliseconds per image vs resolution, and linear probes on the
@@ -34,6 +36,20 @@ from qvl.data import tasks as T
 DEFAULT_TASKS = ("color", "shape", "count", "ground", "refer", "ocr", "caption", "video_direction", "video_when")
 MAX_NEW_TOKENS = {"caption": 96, "ground": 64, "ocr": 32}  # others: 24
 SMALL_TEXT_PX = 14  # the issue's OCR target is on text >= 14 px tall
+CONSTANT_CANDIDATES = 20  # the constant baseline tries the set's this many most frequent answers
+
+
+def constant_baseline(task: str, samples: Sequence[T.Sample]) -> dict:
+    """The best single answer for every question of `samples`, among their most frequent reference answers.
+    -> {"answer": str, "score": float}. For "when" the answers are frame times, so a middle time wins (a few
+    tenths of the answers fall within +-0.5 s of it); for boxes it is a box that happens to overlap others.
+    It is chosen on the very questions it is scored on, so on a few dozen questions it flatters itself."""
+    from collections import Counter
+
+    candidates = [a for a, _ in Counter(s.answer for s in samples).most_common(CONSTANT_CANDIDATES)]
+    scored = [(sum(T.score(task, a, s.truth) for s in samples) / max(1, len(samples)), a) for a in candidates]
+    score, answer = max(scored, key=lambda x: x[0]) if scored else (0.0, "")
+    return {"answer": answer, "score": score}
 
 
 def vlm_reply_fn(vlm, batch_size: int = 16, stats: dict | None = None) -> Callable:
@@ -84,7 +100,8 @@ def evaluate(reply_fn: Callable, generation: str, tasks: Sequence[str] | None = 
             samples = [transform(s) for s in samples]
         replies = reply_fn(samples)
         scores = [T.score(task, r, s.truth) for r, s in zip(replies, samples)]
-        res = {"n": len(scores), "score": sum(scores) / max(1, len(scores))}
+        res = {"n": len(scores), "score": sum(scores) / max(1, len(scores)),
+               "constant": constant_baseline(task, samples)}
         if task == "ground":
             res["iou>=0.5"] = sum(s >= 0.5 for s in scores) / max(1, len(scores))
         if task == "ocr":
@@ -105,18 +122,23 @@ def _pct(v) -> str:
 
 def format_table(results: dict, cost: dict | None = None, title: str = "") -> str:
     lines = [title] if title else []
-    lines.append(f"{'task':<16} {'n':>5}  {'score':>9}  details")
+    lines.append(f"{'task':<16} {'n':>5}  {'score':>9}  {'constant':>9}  details")
     for task, r in results.items():
+        const = r.get("constant")
         if task == "ground":
             score, detail = f"{r['score']:.3f} IoU", f"IoU>=0.5: {_pct(r['iou>=0.5'])}"
+            base = f"{const['score']:.3f} IoU" if const else "-"
         else:
             score, detail = _pct(r["score"]), ""
+            base = _pct(const["score"]) if const else "-"
             if task == "ocr":
                 detail = (f">={SMALL_TEXT_PX}px: {_pct(r[f'>={SMALL_TEXT_PX}px'])} (n={r[f'n>={SMALL_TEXT_PX}px']})  "
                           f"<{SMALL_TEXT_PX}px: {_pct(r[f'<{SMALL_TEXT_PX}px'])} (n={r[f'n<{SMALL_TEXT_PX}px']})")
             if task == "video_when":
                 detail = f"within +-{T.WHEN_TOLERANCE_S} s"
-        lines.append(f"{task:<16} {r['n']:>5}  {score:>9}  {detail}")
+        if const and task != "ground":
+            detail = (detail + "  " if detail else "") + f"constant: {json.dumps(const['answer'], ensure_ascii=False)}"
+        lines.append(f"{task:<16} {r['n']:>5}  {score:>9}  {base:>9}  {detail}")
     if cost:
         lines.append(f"cost: {cost.get('vision_tokens_per_image', 0):.1f} vision tokens per image, "
                      f"{cost.get('ms_per_answer', 0):.1f} ms per answer (batched)")
@@ -307,6 +329,12 @@ def format_ablation(rows: list[dict]) -> str:
                  _pct(when["score"]) if when else "no video"]
         cells += [f"{c['tokens']} / {c['ms']:.1f}" for c in r["vision_cost"].values()]
         lines.append("| " + " | ".join(cells) + " |")
+    consts = [f"gen {r['generation']}: " + ", ".join(
+        f"{t} {res['constant']['score']:.3f}" if t == "ground" else f"{t} {_pct(res['constant']['score']).strip()}"
+        for t, res in r["results"].items() if "constant" in res) for r in rows]
+    if any(c.split(": ", 1)[1] for c in consts):
+        lines.append("\nThe best constant answer on these seeds (what a model that looks at nothing scores): "
+                     + "; ".join(consts) + ".")
     probed = [r for r in rows if "text_probe" in r]
     if probed:
         notes = ", ".join(f"gen {r['generation']} {_pct(r['text_probe']['false alarms']).strip()} / "

@@ -69,7 +69,9 @@ def test_ablation_cli_on_two_generations(tok_dir, tmp_path):
         p = r["text_probe"]
         assert p["n>=14px"] + p["n<14px"] > 0 and 0 <= p["chance"] <= 1 and 0 <= p["false alarms"] <= 1
     table = E.format_ablation(rows)
-    assert table.count("\n") == 5 and "| 1 |" in table and "| 2.5 |" in table and "Text probe" in table
+    assert table.count("\n") == 7 and "| 1 |" in table and "| 2.5 |" in table and "Text probe" in table
+    const = rows[1]["results"]["video_when"]["constant"]["score"]
+    assert f"video_when {100 * const:.1f} %" in table and "best constant answer" in table
     assert "no video" in table.splitlines()[2]
 
 
@@ -124,3 +126,38 @@ def test_text_probe_splits_by_the_height_of_the_word_under_each_token(monkeypatc
 def test_eval_cli_refuses_a_non_model_directory(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qvl.eval", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 2 and "no config.json" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("task", ["count", "video_direction"])
+def test_constant_baseline_is_the_most_frequent_true_answer(task):
+    from collections import Counter
+
+    from qvl.data import tasks as T
+
+    samples = T.eval_samples(task, "2.5", 60, T.DataConfig(), render_media=False)
+    truths = Counter(s.truth["answer"] for s in samples)  # counted here, not scored by qvl
+    answer, count = truths.most_common(1)[0]
+    base = E.constant_baseline(task, samples)
+    assert base["score"] == pytest.approx(count / 60)
+    assert base["answer"].strip(".") == answer or truths[base["answer"].strip(".")] == count
+
+
+def test_constant_baseline_for_when_beats_every_single_frequent_answer():
+    from qvl.data import tasks as T
+
+    samples = T.eval_samples("video_when", "2.5", 60, T.DataConfig(), render_media=False)
+    times = [s.truth["time"] for s in samples]
+    base = E.constant_baseline("video_when", samples)
+    said = float(base["answer"].split()[0])
+    within = sum(abs(said - t) <= T.WHEN_TOLERANCE_S for t in times) / 60  # recomputed from the event times
+    assert base["score"] == pytest.approx(within)
+    modal = max(set(times), key=times.count)
+    assert within >= sum(abs(modal - t) <= T.WHEN_TOLERANCE_S for t in times) / 60 > 0
+
+
+def test_table_shows_the_constant_column():
+    res = E.evaluate(lambda ss: [s.answer for s in ss], "2.5", tasks=["count", "ground"], n=8)
+    table = E.format_table(res)
+    assert "constant" in table.splitlines()[0]
+    assert f"{100 * res['count']['constant']['score']:5.1f} %" in table
+    assert 0 <= res["ground"]["constant"]["score"] < 1
