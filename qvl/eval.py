@@ -329,10 +329,13 @@ def format_ablation(rows: list[dict]) -> str:
                  _pct(when["score"]) if when else "no video"]
         cells += [f"{c['tokens']} / {c['ms']:.1f}" for c in r["vision_cost"].values()]
         lines.append("| " + " | ".join(cells) + " |")
-    consts = [f"gen {r['generation']}: " + ", ".join(
-        f"{t} {res['constant']['score']:.3f}" if t == "ground" else f"{t} {_pct(res['constant']['score']).strip()}"
-        for t, res in r["results"].items() if "constant" in res) for r in rows]
-    if any(c.split(": ", 1)[1] for c in consts):
+    consts = []  # "gen 2.5: ocr 2.0 %, ground 0.039, video_when 36.5 %"
+    for r in rows:
+        parts = [f"{t} {c['score']:.3f}" if t == "ground" else f"{t} {_pct(c['score']).strip()}"
+                 for t, c in ((t, res.get("constant")) for t, res in r["results"].items()) if c]
+        if parts:
+            consts.append(f"gen {r['generation']}: " + ", ".join(parts))
+    if consts:
         lines.append("\nThe best constant answer on these seeds (what a model that looks at nothing scores): "
                      + "; ".join(consts) + ".")
     probed = [r for r in rows if "text_probe" in r]
