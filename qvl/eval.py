@@ -331,8 +331,8 @@ def format_ablation(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     consts = []  # "gen 2.5: ocr 2.0 %, ground 0.039, video_when 36.5 %"
     for r in rows:
-        parts = [f"{t} {c['score']:.3f}" if t == "ground" else f"{t} {_pct(c['score']).strip()}"
-                 for t, c in ((t, res.get("constant")) for t, res in r["results"].items()) if c]
+        scores = {t: res["constant"]["score"] for t, res in r["results"].items() if "constant" in res}
+        parts = [f"{t} {v:.3f}" if t == "ground" else f"{t} {_pct(v).strip()}" for t, v in scores.items()]
         if parts:
             consts.append(f"gen {r['generation']}: " + ", ".join(parts))
     if consts:
