@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from _tiny import hf_config, hf_model
-from qvl.checkpoint import (CheckpointError, assign_weights, hub_state_dict, load_model, open_safetensors_dir,
-                            read_config, save_pretrained, write_safetensors)
+from qvl.checkpoint import (CheckpointError, assign_weights, hub_state_dict, load_model, on_meta,
+                            open_safetensors_dir, read_config, save_pretrained, write_safetensors)
 from qvl.config import Qwen2VLConfig
 
 
@@ -136,6 +140,42 @@ def test_assign_weights_generic_module():
         m = M()
     assign_weights(m, {"x." + k: v for k, v in src.state_dict().items()}, rename=lambda k: k[2:])
     assert _same_weights(m, src)
+
+
+def test_on_meta_builds_without_storage_and_skips_only_the_random_fills():
+    with on_meta():
+        emb, lin = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3)
+        ones = torch.ones(2)
+    assert all(p.is_meta for p in (*emb.parameters(), *lin.parameters(), ones))
+    assert not torch.empty(1).is_meta  # the device context ends with the block
+    # outside it nn.init runs as usual (the fills were skipped, not replaced by something that lingers)
+    w = torch.zeros(50, 50)
+    torch.nn.init.normal_(w)
+    assert w.std() > 0.5
+
+
+def test_on_meta_is_local_to_its_thread():
+    built = {}
+
+    def other():
+        built["lin"] = torch.nn.Linear(64, 64)
+
+    with on_meta():
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    w = built["lin"].weight
+    assert not w.is_meta and w.abs().sum() > 0 and w.std() > 0.01  # initialised as usual: kaiming-uniform
+
+
+@pytest.mark.parametrize("gen", ["1", "2", "2.5"])
+def test_loading_does_not_import_torch_dynamo(gen):
+    """On meta, nn.Embedding's normal_ (and arange, a scalar multiply) run Python reference kernels whose first
+    call imports torch._dynamo, ~1 s of a tiny model's load; a fresh interpreter shows it stays unimported."""
+    path = Path(__file__).resolve().parents[1] / "assets" / "models" / f"qvl-tiny-{gen}"
+    code = f"import sys, qvl; qvl.load({str(path)!r}); print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
 
 
 # ---- config.json layouts ----------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qvl.checkpoint import CheckpointError, assign_weights, open_safetensors_dir, write_safetensors
+from qvl.checkpoint import CheckpointError, assign_weights, on_meta, open_safetensors_dir, write_safetensors
 from qvl.models.layers import KVCache, RMSNorm, apply_rotary, attention, causal_mask
 from qvl.models.qwen2_vl import Capture  # the same opt-in recorder as Qwen2-VL
 from qvl.tokenizer_qwen_vl import SPECIAL_TOKENS
@@ -158,17 +158,18 @@ GENERATION_CONFIGS = {
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """MAE 1-D table: [sin(p*w_0..w_{D/2-1}), cos(p*w_0..)], w_d = 10000^(-d/(D/2)), float32. pos [M] -> [M, dim]"""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32) / (dim / 2))
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32, device=pos.device) / (dim / 2))
     angles = pos.float()[:, None] * omega[None, :]                     # (M, D/2)
     return torch.cat([angles.sin(), angles.cos()], dim=1)              # (M, D)
 
 
-def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+def sincos_2d(dim: int, grid: int, device=None) -> torch.Tensor:
     """Fixed 2-D table for a grid x grid map, token k = row*grid + col -> [grid^2, dim].
 
     §2.5 / §10.3: the *column* (x) encoding comes first, the row second, each half dim/2 wide.
     """
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")  # (g, g) each
+    rows, cols = torch.meshgrid(torch.arange(grid, device=device), torch.arange(grid, device=device),
+                                indexing="ij")                                               # (g, g) each
     return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
 
 
@@ -278,7 +279,10 @@ class Resampler(nn.Module):
         if grid * grid != cfg.n_queries:
             raise ValueError(f"n_queries={cfg.n_queries} must be a square (the queries form a grid, §2.5)")
         self.query = nn.Parameter(torch.zeros(cfg.n_queries, E))
-        self.register_buffer("pos_embed", sincos_2d(E, grid))            # (n_queries, E)
+        # computed on the CPU even when the model is built on the meta device, where arange takes a slow
+        # reference path (checkpoint.on_meta); a checkpoint buffer, so loading replaces it anyway
+        table = sincos_2d(E, grid, device="cpu").to(torch.get_default_device())
+        self.register_buffer("pos_embed", table)                         # (n_queries, E)
         self.kv_proj = nn.Linear(cfg.width, E, bias=False)
         self.attn = PackedCrossAttention(E, cfg.resampler_heads)
         self.ln_q = nn.LayerNorm(E, eps=1e-6)
@@ -300,12 +304,12 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.positional_embedding = nn.Parameter(torch.randn(cfg.pos_grid ** 2, cfg.width) * cfg.width ** -0.5)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.pos_grid ** 2, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width, eps=1e-6)
         self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(VisualBlock(cfg) for _ in range(cfg.layers))))
         self.attn_pool = Resampler(cfg)
         self.ln_post = nn.LayerNorm(cfg.output_dim, eps=1e-6)
-        self.proj = nn.Parameter(torch.randn(cfg.output_dim, cfg.output_dim) * cfg.output_dim ** -0.5)  # [in, out]
+        self.proj = nn.Parameter(torch.empty(cfg.output_dim, cfg.output_dim))  # [in, out]
 
     def forward(self, images: torch.Tensor, capture=None) -> torch.Tensor:
         x = self.conv1(images.to(self.conv1.weight.dtype))               # (N, W, g, g)
@@ -438,7 +442,7 @@ class QwenVL(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Initializers for training from scratch (§2.7); a no-op cost on the meta device."""
+        """Initializers for training from scratch (§2.7); skipped when loading (`checkpoint.on_meta`)."""
         t = self.config.text
         if isinstance(module, (QWenAttention, QWenMLP)):     # LLM: normal(0.02), c_proj scaled by depth
             for name, lin in module.named_children():
@@ -451,6 +455,9 @@ class QwenVL(nn.Module):
         elif isinstance(module, QwenVL):
             nn.init.normal_(module.transformer.wte.weight, std=t.initializer_range)
             nn.init.normal_(module.lm_head.weight, std=t.initializer_range)
+        elif isinstance(module, VisionTransformer):          # OpenCLIP's: normal(width^-0.5)
+            nn.init.normal_(module.positional_embedding, std=module.cfg.width ** -0.5)
+            nn.init.normal_(module.proj, std=module.cfg.output_dim ** -0.5)
         elif isinstance(module, Resampler):                  # adapter: trunc_normal(0.02), zero biases
             nn.init.trunc_normal_(module.query, std=0.02)
             nn.init.trunc_normal_(module.kv_proj.weight, std=0.02)
@@ -585,7 +592,7 @@ def load_qwen_vl(path, device=None, dtype: torch.dtype | None = None) -> QwenVL:
         raise CheckpointError(f"{path}: not a Qwen-VL (gen 1) checkpoint: model_type={hf.get('model_type')!r}, "
                               f"'visual' section {'present' if 'visual' in hf else 'absent'}")
     tensors = open_safetensors_dir(path)
-    with torch.device("meta"):
+    with on_meta():
         model = QwenVL(QwenVLConfig.from_hf(hf))
     assign_weights(model, tensors, device=device, dtype=dtype)
     return model.eval()
