@@ -158,18 +158,17 @@ GENERATION_CONFIGS = {
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """MAE 1-D table: [sin(p*w_0..w_{D/2-1}), cos(p*w_0..)], w_d = 10000^(-d/(D/2)), float32. pos [M] -> [M, dim]"""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32, device=pos.device) / (dim / 2))
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32) / (dim / 2))
     angles = pos.float()[:, None] * omega[None, :]                     # (M, D/2)
     return torch.cat([angles.sin(), angles.cos()], dim=1)              # (M, D)
 
 
-def sincos_2d(dim: int, grid: int, device=None) -> torch.Tensor:
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     """Fixed 2-D table for a grid x grid map, token k = row*grid + col -> [grid^2, dim].
 
     §2.5 / §10.3: the *column* (x) encoding comes first, the row second, each half dim/2 wide.
     """
-    rows, cols = torch.meshgrid(torch.arange(grid, device=device), torch.arange(grid, device=device),
-                                indexing="ij")                                               # (g, g) each
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")  # (g, g) each
     return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
 
 
@@ -279,10 +278,10 @@ class Resampler(nn.Module):
         if grid * grid != cfg.n_queries:
             raise ValueError(f"n_queries={cfg.n_queries} must be a square (the queries form a grid, §2.5)")
         self.query = nn.Parameter(torch.zeros(cfg.n_queries, E))
-        # computed on the CPU even when the model is built on the meta device, where arange takes a slow
-        # reference path (checkpoint.on_meta); a checkpoint buffer, so loading replaces it anyway
-        table = sincos_2d(E, grid, device="cpu").to(torch.get_default_device())
-        self.register_buffer("pos_embed", table)                         # (n_queries, E)
+        device = torch.get_default_device()
+        with torch.device("cpu"):  # on the meta device (checkpoint.on_meta) arange takes a slow reference path;
+            table = sincos_2d(E, grid)  # a checkpoint buffer, so loading replaces it anyway
+        self.register_buffer("pos_embed", table.to(device))             # (n_queries, E)
         self.kv_proj = nn.Linear(cfg.width, E, bias=False)
         self.attn = PackedCrossAttention(E, cfg.resampler_heads)
         self.ln_q = nn.LayerNorm(E, eps=1e-6)
