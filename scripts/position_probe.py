@@ -12,9 +12,13 @@ Two measurements on held-out generated scenes (docs/training_log.md, session 6, 
           position that writes x1's (y1's) first digit to the shape's x1 / width (y1 / height). If the decoder
           holds the column at its image tokens but this R² is ~0, the answer never looks the position up; if
           it is high while the boxes miss, only the read-out into digits is missing.
+  time    the same two questions for video "when" (gens 2 / 2.5), teacher-forced: ridge probes from a video
+          token's hidden state to its M-RoPE temporal id (none of it is in the token's content, only in the
+          rotary ids), and from the state that writes the answer's first digit to the event's true second —
+          beside what the question's verb and the clip's length alone predict (a least-squares fit on both).
 
     python scripts/position_probe.py assets/models/qvl-tiny-2.5
-    python scripts/position_probe.py assets/models/qvl-tiny-1 --n 60
+    python scripts/position_probe.py assets/models/qvl-tiny-1 --n 60 --skip answer,time
 """
 
 from __future__ import annotations
@@ -140,11 +144,64 @@ def answer_positions(vlm, generation: str, n: int) -> dict:
                      ridge_r2(np.stack(v)[:, H:], y[:, 1:], test, lam)[0]] for k, v in feats.items()}
 
 
+def answer_start(ids: list[int], tok) -> int:
+    """Index of the last assistant turn's first content token (the state before it writes it)."""
+    head = tok.encode("<|im_start|>assistant\n")
+    return max(j for j in range(len(ids)) if ids[j:j + len(head)] == head) + len(head)
+
+
+def answer_times(vlm, generation: str, n: int, per_video: int = 48, seed: int = 0) -> dict:
+    """{"tokens": {"input" | layer: R² of the temporal id}, "answer": {layer: R² of the event's second},
+    "verb_and_length": R² of the event's second from the verb and the clip's length alone} over n held-out "when"
+    questions, teacher-forced; every 5th video is held out of the fit."""
+    from qvl.data import tasks as T
+    from qvl.models.qwen2_vl import Capture
+    from qvl.train.batching import Collator, embed_kwargs
+
+    if generation == "1":
+        raise SystemExit("time: gens 2 / 2.5 only (gen 1 has no video)")
+    model, tok = vlm.model, vlm.tokenizer
+    layers = list(range(len(model.model.layers)))
+    coll = Collator(generation, tok, model.config, loss="assistant")
+    rng = np.random.default_rng(seed)
+    tokens: dict = {k: [] for k in ["input", *layers]}
+    answer: dict = {k: [] for k in layers}
+    t_ids, video_of, seconds, prior = [], [], [], []
+    for i, s in enumerate(T.eval_samples("video_when", generation, n)):
+        b = coll([s])
+        start = answer_start(b["input_ids"][0].tolist(), tok)
+        cap = Capture(hidden_layers=layers)
+        with torch.no_grad():
+            embeds = model.embed(b["input_ids"], **embed_kwargs(b["vision"]))
+            model(embeds, b["positions"], capture=cap)
+        video = (b["input_ids"][0] == model.config.video_token_id).nonzero()[:, 0]
+        pick = video[rng.choice(len(video), size=min(per_video, len(video)), replace=False)]
+        t = b["positions"][0, 0]  # (L,) the temporal row of the M-RoPE ids
+        t_ids.append((t[pick] - t[video[0]]).float().numpy())
+        video_of += [i] * len(pick)
+        tokens["input"].append(embeds[0, pick].float().numpy())
+        for layer in layers:
+            h = cap.hidden[layer][0][0]
+            tokens[layer].append(h[pick].float().numpy())
+            answer[layer].append(h[start - 1].float().numpy())  # the state that writes the first digit
+        seconds.append(s.truth["time"])
+        appear, span = float(s.truth["event"] == "appear"), float(t[video[-1]] - t[video[0]])
+        prior.append([1.0, appear, span, appear * span])
+    y, test = np.concatenate(t_ids)[:, None], np.array(video_of) % 5 == 0
+    ys, test_s = np.array(seconds)[:, None], np.arange(len(seconds)) % 5 == 0
+    X = np.array(prior)
+    w = np.linalg.lstsq(X[~test_s], ys[~test_s], rcond=None)[0]
+    baseline = 1 - ((X[test_s] @ w - ys[test_s]) ** 2).sum() / ((ys[test_s] - ys[test_s].mean()) ** 2).sum()
+    return {"tokens": {str(k): ridge_r2(np.concatenate(v), y, test)[0] for k, v in tokens.items()},
+            "answer": {str(k): ridge_r2(np.stack(v), ys, test_s, float(len(ys)))[0] for k, v in answer.items()},
+            "verb_and_length": round(float(baseline), 3)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model")
     ap.add_argument("--n", type=int, default=120, help="held-out scenes per measurement")
-    ap.add_argument("--skip", default="", help="tokens, boxes and/or answer")
+    ap.add_argument("--skip", default="", help="tokens, boxes, answer and/or time")
     a = ap.parse_args(argv)
     import qvl
 
@@ -156,6 +213,8 @@ def main(argv=None) -> int:
         out["one_shape_boxes"] = box_errors(vlm, vlm.generation, a.n)
     if "answer" not in a.skip:
         out["r2_answer_x1_y1"] = answer_positions(vlm, vlm.generation, a.n)
+    if "time" not in a.skip:
+        out["r2_time"] = answer_times(vlm, vlm.generation, a.n)
     print(json.dumps(out))
     return 0
 

@@ -131,12 +131,32 @@ def test_answer_numbers_find_each_box_number_in_each_notation(tok_dir):  # noqa:
 def test_position_probe_runs_on_a_tiny_model(tmp_path, tok_dir, capsys):
     tok = tiny.load_tokenizer("2.5", tok_dir)
     tiny.save_model(tiny.new_model("2.5", tok, decoder=MICRO_DECODER, vision=MICRO_VISION), tmp_path / "m", tok_dir)
-    assert pp.main([str(tmp_path / "m"), "--n", "5"]) == 0
+    assert pp.main([str(tmp_path / "m"), "--n", "10"]) == 0  # 10: two held-out "when" videos for the R² of time
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["r2_row_column"]) >= {"input", "0"}
     assert all(len(v) == 2 for v in out["r2_row_column"].values())
     assert out["one_shape_boxes"]["n"] >= 1
     assert set(out["r2_answer_x1_y1"]) == {str(i) for i in range(MICRO_DECODER["layers"])}
+    assert set(out["r2_time"]["tokens"]) == {"input", *(str(i) for i in range(MICRO_DECODER["layers"]))}
+    assert set(out["r2_time"]["answer"]) == {str(i) for i in range(MICRO_DECODER["layers"])}
+    assert np.isfinite(out["r2_time"]["verb_and_length"])
+
+
+def test_time_probe_reads_the_state_before_the_answers_first_digit(tok_dir):  # noqa: F811
+    """answer_start finds the answer's first token in a collated "when" sample: from there the ids decode to
+    the answer text the sample holds, and the token before it is the end of the assistant header."""
+    from qvl.data import tasks as T
+    from qvl.train.batching import Collator
+
+    for g in ("2", "2.5"):
+        tok = tiny.load_tokenizer(g, tok_dir)
+        model = tiny.new_model(g, tok, decoder=MICRO_DECODER, vision=MICRO_VISION)
+        s = T.make_sample("video_when", 3, g)
+        ids = Collator(g, tok, model.config, loss="assistant")([s])["input_ids"][0].tolist()
+        i = pp.answer_start(ids, tok)
+        answer = s.truth["answer"]
+        assert tok.decode(ids[i:]).startswith(answer) and answer[0].isdigit()
+        assert tok.decode(ids[i - 3:i]) == "<|im_start|>assistant\n"
 
 
 dp = _load("decoder_position_check")
