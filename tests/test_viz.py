@@ -307,3 +307,34 @@ def test_parameters_plot_bars():
         y = round(bar.get_y() + bar.get_height() / 2)
         widths[y] = widths.get(y, 0) + bar.get_width()
     assert widths[1] == pytest.approx(costs.parameter_counts("Qwen2-VL-2B-Instruct")["total"] / 1e9)
+
+
+STREAM = """
+import sys, qvl
+from qvl.data import eval_samples
+from qvl.viz.app_helpers import stream_tokens
+vlm = qvl.load(sys.argv[1])
+batch = vlm.prepare(eval_samples("ground", "2.5", 1)[0].prompt())
+steps = stream_tokens(vlm, batch, 64)
+if sys.argv[2] == "stop":  # the app's Stop button: close the generator after two tokens
+    next(steps), next(steps)
+    steps.close()
+else:
+    "".join(piece for _, piece in steps)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("how", ["to_the_end", "stop"])
+def test_stream_tokens_leaves_no_thread_behind_at_exit(how):
+    """The decode thread has ended when the generator returns or is closed: a daemon thread still inside torch
+    when the interpreter exits aborts the process (rc 134, "terminate called without an active exception")."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = Path(__file__).resolve().parents[1] / "assets" / "models" / "qvl-tiny-2.5"
+    if not (model / "config.json").exists():
+        pytest.skip("assets/models/qvl-tiny-2.5 not trained yet")
+    run = subprocess.run([sys.executable, "-c", STREAM, str(model), how], capture_output=True, text=True)
+    assert (run.returncode, run.stdout.split()) == (0, ["ok"]), run.stderr[-500:]

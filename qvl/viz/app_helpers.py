@@ -161,7 +161,7 @@ def stream_tokens(vlm, batch, max_new_tokens: int, *, capture=None, **sampling) 
 
     The decode loop runs in its own thread (inference mode is per thread, and a web server may resume
     this generator on a different worker thread each time); closing the generator (a Stop button)
-    ends that thread after its current token.
+    ends that thread after its current token, and returns once it has ended.
     """
     stops = set(vlm.stop_ids)
     out: queue.Queue = queue.Queue()
@@ -196,6 +196,9 @@ def stream_tokens(vlm, batch, max_new_tokens: int, *, capture=None, **sampling) 
             yield item
     finally:
         cancel.set()
+        # wait for the thread (at most its current token): a daemon thread still inside torch when the
+        # interpreter exits aborts the process ("terminate called without an active exception")
+        worker.join()
 
 
 _DONE = object()
