@@ -451,7 +451,11 @@ def build_demo(model_dirs=(), bundled=BUNDLED, device=None) -> gr.Blocks:
                             clear = gr.Button("Clear", elem_id="clear")
                         stats = gr.Markdown(elem_id="chat_stats")
                     with gr.Column(scale=2):
-                        boxes = gr.AnnotatedImage(label="boxes and points in the answer", elem_id="annot")
+                        # the heading sits above the image, not on it: Gradio draws a block label over the
+                        # top-left corner, where an answer's box often is
+                        gr.Markdown("**boxes and points in the answer**")
+                        boxes = gr.AnnotatedImage(label="boxes and points in the answer", elem_id="annot",
+                                                  show_label=False)
                         boxes_note = gr.Markdown(elem_id="annot_note")
                         with gr.Row():
                             attn_token = gr.Dropdown([], label="generated token", elem_id="attn_token", allow_custom_value=True)
@@ -465,12 +469,15 @@ def build_demo(model_dirs=(), bundled=BUNDLED, device=None) -> gr.Blocks:
                 with gr.Row():
                     cmp_models = gr.CheckboxGroup(names, value=names, label="models", elem_id="cmp_models")
                     cmp_prompt = gr.Textbox("Describe the image.", label="prompt", elem_id="cmp_prompt")
-                    cmp_new = gr.Slider(1, 512, value=32, step=1, label="max new tokens")
+                    cmp_new = gr.Slider(1, 512, value=128, step=1, label="max new tokens")  # a gen-2.5 JSON box: ~36
                 cmp_btn = gr.Button("Compare", variant="primary", elem_id="cmp_btn")
                 cmp_msg = gr.Markdown(elem_id="cmp_msg")
                 cmp_acc = gr.Dataframe(label="tokens per generation (qvl.media.account)", interactive=False)
                 cmp_table = gr.Dataframe(label="models side by side", elem_id="cmp_table", interactive=False)
-                cmp_gallery = gr.Gallery(label="boxes and points drawn (original image)", columns=3)
+                gr.Markdown("**boxes and points drawn on the original image**, one per model")
+                # "contain": a thumbnail shows the whole drawing ("cover" cropped a box at the image's top edge)
+                cmp_gallery = gr.Gallery(label="boxes and points drawn (original image)", columns=3, show_label=False,
+                                         object_fit="contain", elem_id="cmp_gallery")
 
         session = gr.State({})
 

@@ -178,6 +178,8 @@ def test_shipped_tiny_model_answers_with_a_box(page, shipped_url, tmp_path):
     expect(page.locator("#chat [data-testid='bot']").last).to_contain_text("bbox_2d")
     expect(page.locator("#annot img.mask")).not_to_have_count(0)
     expect(page.locator("#annot_note")).to_contain_text("Qwen2.5-VL convention")
+    # no block label drawn over the image's top-left corner, where a box often is (the heading sits above it)
+    expect(page.locator("#annot [data-testid='block-label']")).to_be_hidden()
     expect(page.locator("#chat_stats")).to_contain_text("time to first token")
     _images_loaded(page, "#annot img")
     _save(page, "chat_tiny_model.png")
@@ -211,5 +213,9 @@ def test_shipped_models_side_by_side_in_compare(page, shipped_url, tmp_path):
         expect(table).to_contain_text(name)
         expect(table).to_contain_text(names[g])
         expect(table).to_contain_text(str(acc[g]["visual_tokens"] if g != "1" else GEN1_QUERIES))
+    expect(page.locator("#cmp_gallery img")).not_to_have_count(0)
+    # the whole drawing in each thumbnail: a cropping fit hid boxes at the top edge (and the convention note)
+    expect(page.locator("#cmp_gallery img").first).to_have_css("object-fit", "contain")
+    expect(page.locator("#cmp_gallery [data-testid='block-label']")).to_be_hidden()  # nothing over the corner
     _save(page, "compare_tiny_models.png")
     assert page.js_errors == []
