@@ -1,6 +1,6 @@
 """Where does a trained model know an image token's position, and do its boxes use it?
 
-Two measurements on held-out generated scenes (docs/training_log.md, session 6, has the numbers):
+Measurements on held-out generated scenes (docs/training_log.md has the numbers: sessions 6 and 14 for positions, 21 for time):
 
   tokens  ridge probes from an image token's hidden state to its (row, column) in the merged grid, at the
           decoder's input (the vision tokens themselves) and after chosen decoder layers; R² on held-out
@@ -145,7 +145,7 @@ def answer_positions(vlm, generation: str, n: int) -> dict:
 
 
 def answer_start(ids: list[int], tok) -> int:
-    """Index of the last assistant turn's first content token (the state before it writes it)."""
+    """Index of the last assistant turn's first content token; the hidden state at index - 1 writes it."""
     head = tok.encode("<|im_start|>assistant\n")
     return max(j for j in range(len(ids)) if ids[j:j + len(head)] == head) + len(head)
 
