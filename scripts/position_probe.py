@@ -1,6 +1,7 @@
 """Where does a trained model know an image token's position, and do its boxes use it?
 
-Measurements on held-out generated scenes (docs/training_log.md has the numbers: sessions 6 and 14 for positions, 21 for time):
+Measurements on held-out generated scenes (numbers in docs/training_log.md: sessions 6 and 14 for
+positions, 21 for time):
 
   tokens  ridge probes from an image token's hidden state to its (row, column) in the merged grid, at the
           decoder's input (the vision tokens themselves) and after chosen decoder layers; R² on held-out
