@@ -145,10 +145,11 @@ def answer_positions(vlm, generation: str, n: int) -> dict:
                      ridge_r2(np.stack(v)[:, H:], y[:, 1:], test, lam)[0]] for k, v in feats.items()}
 
 
-def answer_start(ids: list[int], tok) -> int:
-    """Index of the last assistant turn's first content token; the hidden state at index - 1 writes it."""
-    head = tok.encode("<|im_start|>assistant\n")
-    return max(j for j in range(len(ids)) if ids[j:j + len(head)] == head) + len(head)
+def answer_start(ids: list[int], coll) -> int:
+    """Index of the last assistant turn's first content token (the start of the Collator's last assistant-mask
+    run); the hidden state at index - 1 writes it."""
+    mask = coll.assistant_mask(ids)
+    return max(i for i in range(1, len(mask)) if mask[i] and not mask[i - 1])
 
 
 def answer_times(vlm, generation: str, n: int, per_video: int = 48, seed: int = 0) -> dict:
@@ -170,7 +171,7 @@ def answer_times(vlm, generation: str, n: int, per_video: int = 48, seed: int = 
     t_ids, video_of, seconds, prior = [], [], [], []
     for i, s in enumerate(T.eval_samples("video_when", generation, n)):
         b = coll([s])
-        start = answer_start(b["input_ids"][0].tolist(), tok)
+        start = answer_start(b["input_ids"][0].tolist(), coll)
         cap = Capture(hidden_layers=layers)
         with torch.no_grad():
             embeds = model.embed(b["input_ids"], **embed_kwargs(b["vision"]))

@@ -152,8 +152,9 @@ def test_time_probe_reads_the_state_before_the_answers_first_digit(tok_dir):  # 
         tok = tiny.load_tokenizer(g, tok_dir)
         model = tiny.new_model(g, tok, decoder=MICRO_DECODER, vision=MICRO_VISION)
         s = T.make_sample("video_when", 3, g)
-        ids = Collator(g, tok, model.config, loss="assistant")([s])["input_ids"][0].tolist()
-        i = pp.answer_start(ids, tok)
+        coll = Collator(g, tok, model.config, loss="assistant")
+        ids = coll([s])["input_ids"][0].tolist()
+        i = pp.answer_start(ids, coll)
         answer = s.truth["answer"]
         assert tok.decode(ids[i:]).startswith(answer) and answer[0].isdigit()
         assert tok.decode(ids[i - 3:i]) == "<|im_start|>assistant\n"
