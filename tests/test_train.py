@@ -499,17 +499,24 @@ def test_recipe_chains_text_phases_from_a_fresh_decoder_and_joins_them_at_stage1
     assert R.shared_lm("1", work) is None and R.shared_lm("2", work) == g25 / "lm-pretrain"
     # the ground phase is off by default (budget 0): stage 3 follows stage 2; asked for, it sits between them
     assert ("2.5", "ground") not in started and started["2.5", "stage3"] == g25 / "stage2"
+    assert ("2.5", "when") not in started  # so is the when phase
     calls.clear()
     work2 = tmp_path / "work2"
     shutil.copytree(tok_dir, work2 / "tokenizer")
     R.run_recipe("2.5", tmp_path / "out2", work2, scale=0.001, eval_n=1, dpo_eval_n=0, probe_n=0,
-                 budgets={"ground": 16_000, "lm-word": 6_400})
+                 budgets={"ground": 16_000, "lm-word": 6_400, "when": 9_600})
     started = {name: (init, samples) for g, name, init, samples in calls}
     assert started["ground"] == (work2 / "gen2.5" / "stage2", 16)
+    assert started["when"] == (work2 / "gen2.5" / "ground", 9)  # after ground, before stage 3
     # asked for, lm-word sits between lm-box and lm-pretrain
     assert started["lm-word"] == (work2 / "gen2.5" / "lm-box", 6)
     assert started["lm-pretrain"][0] == work2 / "gen2.5" / "lm-word"
-    assert started["stage3"][0] == work2 / "gen2.5" / "ground"
+    assert started["stage3"][0] == work2 / "gen2.5" / "when"
+    calls.clear()  # gen 1 has no video input: it skips the when phase even when asked for
+    R.run_recipe("1", tmp_path / "out2", work2, scale=0.001, eval_n=1, dpo_eval_n=0, probe_n=0, budgets={"when": 9_600})
+    assert [n for g, n, _, _ in calls if n in ("stage2", "when", "stage3")] == ["stage2", "stage3"]
+    assert json.loads((work2 / "gen1" / "report.json").read_text())["stages"]["when"] == {
+        "skipped": "no video input in gen 1"}
 
 
 def test_lm_pretrain_probe_asks_the_held_out_questions_as_text(tok_dir, tmp_path):
@@ -567,6 +574,16 @@ def test_scene_curriculum_sets_the_scenes_per_phase_of_the_stage(tok_dir):
     assert S.scene_at(stage, 32, 64) == {} and S.scene_at(S.get("stage2"), 0, 64) == {}
 
 
+def test_the_curriculum_caps_the_clips_too(tok_dir):
+    """A phase's ClipConfig overrides (under "clip") reach the videos: one shape per clip before the half."""
+    stage = small(S.get("ground"), mix={"video_when": 1.0, "video_direction": 1.0},
+                  curriculum=((0.5, dict(max_objects=1, clip=dict(max_tracks=1))),))
+    first = [S.sample_at(stage, "2.5", i, total=40) for i in range(20)]
+    rest = [S.sample_at(stage, "2.5", i, total=40) for i in range(20, 40)]
+    assert all(s.clip is not None and len(s.clip.tracks) == 1 for s in first)
+    assert max(len(s.clip.tracks) for s in rest) > 1
+
+
 @pytest.mark.parametrize("generation", ["1", "2.5"])
 def test_a_fresh_model_takes_the_decoder_overrides(generation, tok_dir, tmp_path):
     import json
@@ -605,6 +622,8 @@ def test_word_phase_drills_copy_the_one_quoted_word_and_the_flag_sets_its_budget
     R.recipe_main(["--generation", "2", "--out", "/nonexistent/out", "--word-samples", "100", "--ground-samples", "7"])
     R.recipe_main(["--generation", "1", "--out", "/nonexistent/out"])
     assert seen == {"2.5": {"lm-word": 25600}, "2": {"ground": 7, "lm-word": 100}, "1": None}
+    R.recipe_main(["--generation", "2.5", "--out", "/nonexistent/out", "--when-samples", "9600"])
+    assert seen["2.5"] == {"when": 9600}
 
 
 def test_recipe_rejects_malformed_variant_flags_in_one_line():
@@ -620,7 +639,8 @@ def test_recipe_rejects_malformed_variant_flags_in_one_line():
                               ("--mrope-section", "8,12,11", "--mrope-section: expected three positive integers"),
                               ("--mrope-section", "a,b,c", "--mrope-section: expected three positive integers"),
                               ("--ground-samples", "-5", "--ground-samples must be >= 0"),
-                              ("--word-samples", "-1", "--word-samples must be >= 0")):
+                              ("--word-samples", "-1", "--word-samples must be >= 0"),
+                              ("--when-samples", "-3", "--when-samples must be >= 0")):
         out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", flag, value], capture_output=True, text=True)
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert says in out.stderr.strip().splitlines()[-1]
@@ -748,6 +768,49 @@ def test_answer_loss_is_the_read_out_error_at_the_states_that_write_each_box_num
     assert torch.allclose(loss_on - loss_off, 0.5 * expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("generation", ["2", "2.5"])
+def test_answer_loss_reads_the_when_answers_seconds_at_the_state_before_its_first_digit(generation, tok_dir):
+    """A video "when" answer ("1.3 seconds") adds the head's fifth number: decoder layer L's output at the state
+    before the answer's first digit -- found here from the end of the assistant header -- against its seconds / 6
+    (absolute time); a box in the same batch still counts, so the term is the mean over both kinds."""
+    import re
+
+    from qvl.train.batching import TIME_K
+    from qvl.train.loop import AnswerBoxHead, decoder_layers
+
+    model, tok = micro_model(generation, tok_dir)
+    stage = small(S.get("ground"), answer_weight=2.0, answer_layer=1, mix={"video_when": 1.0})
+    samples = [S.sample_at(stage, generation, i) for i in range(3)]
+    assert all(s.task == "video_when" for s in samples)
+    coll = Collator(generation, tok, model.config, loss="assistant", boxes=True)
+    batch = coll(samples)
+    head = AnswerBoxHead(model.config.text.hidden_size, 1)
+    caught = []
+    hook = decoder_layers(model)[1].register_forward_hook(
+        lambda m, a, o: caught.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        loss_on, metrics = TrainModule(model, stage, answer_head=head)(batch)
+    hook.remove()
+    with torch.no_grad():
+        loss_off, _ = TrainModule(model, replace(stage, answer_weight=0.0))(batch)
+    preds, targets = [], []
+    header = tok.encode("<|im_start|>assistant\n")
+    for r, s in enumerate(samples):
+        seconds = float(re.fullmatch(r"(\d\.\d) seconds", s.messages[-1]["content"]).group(1))
+        ids = batch["input_ids"][r].tolist()
+        i = max(j for j in range(len(ids)) if ids[j:j + len(header)] == header) + len(header)  # the answer's start
+        assert tok.decode(ids[i:i + 3]) == f"{seconds:.1f}"
+        preds.append((caught[0][r, i - 1] @ head.proj.weight.T + head.proj.bias)[TIME_K])
+        targets.append(seconds / 6.0)
+    assert batch["box_k"].tolist() == [TIME_K] * 3
+    expected = ((torch.stack(preds) - torch.tensor(targets)) ** 2).mean()
+    assert torch.allclose(metrics["box_mse"], expected, atol=1e-6)
+    assert torch.allclose(loss_on - loss_off, 2.0 * expected, atol=1e-5)
+    # with a box in the batch: four box numbers and one time
+    mixed = coll([samples[0], S.sample_at(replace(stage, mix={"ground": 1.0}), generation, 0)])
+    assert sorted(mixed["box_k"].tolist()) == [0, 1, 2, 3, TIME_K]
+
+
 def test_answer_head_learns_in_the_ground_phase_and_travels_to_stage_3(tok_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -778,8 +841,9 @@ def test_answer_loss_refuses_dpo_and_a_missing_layer(tok_dir, tmp_path):
 
 
 def test_recipe_flags_put_each_loss_in_its_stages(monkeypatch):
-    """--position-loss: stage 2, ground, stage 3 of gens 2 / 2.5 (gen 1 has no M-RoPE grid); --answer-loss:
-    ground and stage 3 of every generation; both beside any --object-curriculum."""
+    """--position-loss: stage 2, ground, when, stage 3 of gens 2 / 2.5 (gen 1 has no M-RoPE grid); --answer-loss:
+    ground, when and stage 3 of every generation (gen 1 skips the when phase); both beside any
+    --object-curriculum."""
     from qvl.train import __main__ as R
 
     seen = {}
@@ -789,5 +853,6 @@ def test_recipe_flags_put_each_loss_in_its_stages(monkeypatch):
     pos, ans = dict(position_weight=0.5, position_layer=2), dict(answer_weight=2.0, answer_layer=6)
     curriculum = {"curriculum": ((0.5, {"max_objects": 1}),)}
     for g in ("2", "2.5"):
-        assert seen[g] == {"stage2": {**curriculum, **pos}, "ground": {**pos, **ans}, "stage3": {**pos, **ans}}
-    assert seen["1"] == {"stage2": curriculum, "ground": ans, "stage3": ans}
+        assert seen[g] == {"stage2": {**curriculum, **pos}, "ground": {**pos, **ans}, "when": {**pos, **ans},
+                           "stage3": {**pos, **ans}}
+    assert seen["1"] == {"stage2": curriculum, "ground": ans, "when": ans, "stage3": ans}

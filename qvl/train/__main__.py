@@ -136,6 +136,9 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
         if not budget[name]:
             report["stages"][name] = {"skipped": "budget 0"}
             continue
+        if name == "when" and generation == "1":
+            report["stages"][name] = {"skipped": "no video input in gen 1"}
+            continue
         if text and donor is not None:
             report["stages"][name] = {"shared_from": str(donor.parent / name)}
             lm = donor
@@ -226,15 +229,20 @@ def recipe_main(argv) -> int:
                     help="stage 2 draws at most N shapes per scene before fraction F of its samples, e.g. 0.25:1,0.5:2")
     ap.add_argument("--position-loss", type=float, default=0.0, metavar="W",
                     help="gens 2 / 2.5: weight of an auxiliary (row, column) read-out of the image tokens in stages 2 "
-                         "and 3 (loop.PositionHead; docs/training_log.md session 14); 0 = off")
+                         "and 3 and the optional phases (loop.PositionHead; docs/training_log.md session 14); 0 = off")
     ap.add_argument("--position-layer", type=int, default=1, help="decoder layer the --position-loss reads")
     ap.add_argument("--answer-loss", type=float, default=0.0, metavar="W",
-                    help="weight of a read-out of each box number from the answer's states that write it, in the "
-                         "ground phase and stage 3 (loop.AnswerBoxHead; docs/training_log.md session 15); 0 = off")
+                    help="weight of a read-out of each box number (and a 'when' answer's seconds) from the answer's "
+                         "states that write it, in the ground and when phases and stage 3 (loop.AnswerBoxHead; "
+                         "docs/training_log.md sessions 15, 22); 0 = off")
     ap.add_argument("--answer-layer", type=int, default=5, help="decoder layer the --answer-loss reads")
     ap.add_argument("--ground-samples", type=int, default=0, metavar="N",
                     help="run the ground phase (stage 2's set-up, two in three questions grounding, one-shape scenes first) for N "
                          "samples between stage 2 and stage 3; 0 = skip it (docs/training_log.md session 16)")
+    ap.add_argument("--when-samples", type=int, default=0, metavar="N",
+                    help="gens 2 / 2.5: run the when phase (stage 2's set-up, two in three questions 'when', one-shape "
+                         "clips first) for N samples between stage 2 (or ground) and stage 3; 0 = skip it "
+                         "(docs/training_log.md session 22)")
     ap.add_argument("--word-samples", type=int, default=0, metavar="N",
                     help="run the lm-word text phase (copy the quoted word: one shape and one text per scene) for N "
                          "samples between lm-box and lm-pretrain; 0 = skip it (docs/training_log.md session 18)")
@@ -247,7 +255,7 @@ def recipe_main(argv) -> int:
             ap.error(f"--{flag}-loss must be >= 0, got {getattr(a, f'{flag}_loss')}")
         if not 0 <= getattr(a, f"{flag}_layer") < tiny.DECODER["layers"]:
             ap.error(f"--{flag}-layer must be in 0-{tiny.DECODER['layers'] - 1}, got {getattr(a, f'{flag}_layer')}")
-    optional = {"ground": a.ground_samples, "lm-word": a.word_samples}  # optional phase -> its --*-samples value
+    optional = {"ground": a.ground_samples, "when": a.when_samples, "lm-word": a.word_samples}  # phase -> --*-samples
     for name, n in optional.items():
         if n < 0:
             ap.error(f"--{name.removeprefix('lm-')}-samples must be >= 0, got {n}")
@@ -279,10 +287,10 @@ def recipe_main(argv) -> int:
         read-out starts in the ground phase, once stage 2 has put the positions into the image tokens."""
         out = {k: dict(v) for k, v in overrides.items()}
         if a.position_loss and g != "1":
-            for s in ("stage2", "ground", "stage3"):
+            for s in ("stage2", "ground", "when", "stage3"):
                 out.setdefault(s, {}).update(position_weight=a.position_loss, position_layer=a.position_layer)
         if a.answer_loss:
-            for s in ("ground", "stage3"):
+            for s in ("ground", "when", "stage3"):
                 out.setdefault(s, {}).update(answer_weight=a.answer_loss, answer_layer=a.answer_layer)
         return out or None
 

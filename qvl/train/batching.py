@@ -175,7 +175,8 @@ class Collator:
         """Per number of each box the answers write: `box_at` [K, 2] = (row, position of the state that
         predicts the number's first digit), `box_k` [K] = 0-3 (x1 y1 x2 y2), `box_target` [K] = the number over
         the side it measures -- 1000 for gens 1 / 2 (normalised), the resized image's width or height in pixels
-        for gen 2.5 (absolute coordinates, §4.2 of the 2.5 report)."""
+        for gen 2.5 (absolute coordinates, §4.2 of the 2.5 report). A video "when" answer ("1.5 seconds") adds
+        number k = 4, its seconds / TIME_SCALE: absolute time, as M-RoPE's temporal ids carry it in gen 2.5."""
         at, ks, targets = [], [], []
         for b, items in enumerate(media_rows):
             images = [it for it in items if it.kind == "image"]
@@ -192,6 +193,12 @@ class Collator:
                     at.append((b, i - 1))
                     ks.append(k)
                     targets.append(value / side[k])
+        for b, items in enumerate(media_rows):  # "when" answers: the event's second, number k = 4
+            if any(it.kind == "video" for it in items):
+                for i, seconds in answer_times(input_ids[b], labels[b], self.tokenizer):
+                    at.append((b, i - 1))
+                    ks.append(TIME_K)
+                    targets.append(seconds / TIME_SCALE)
         return {"box_at": torch.tensor(at, dtype=torch.long).reshape(-1, 2), "box_k": torch.tensor(ks, dtype=torch.long),
                 "box_target": torch.tensor(targets, dtype=torch.float32)}
 
@@ -340,6 +347,22 @@ def answer_numbers(ids: torch.Tensor, labels: torch.Tensor, tokenizer) -> list[t
     is part of a word, not a number."""
     return _numbers(_answer_text(ids, labels, tokenizer))
 
+
+def answer_times(ids: torch.Tensor, labels: torch.Tensor, tokenizer) -> list[tuple[int, float]]:
+    """(index of the first digit, seconds) of each "S.T seconds" time in one row's labelled (answer) tokens --
+    the video "when" answers (qvl.data.tasks.ask_video_when); digits are one token each."""
+    text = _answer_text(ids, labels, tokenizer)
+    out = []
+    for i, t in text.items():
+        digits = [text.get(i + j, "") for j in (0, 2)]
+        if (t.strip().isdigit() and not text.get(i - 1, "").strip()[-1:].isdigit() and text.get(i + 1) == "."
+                and digits[1].isdigit() and text.get(i + 3, "").startswith(" second")):
+            out.append((i, int(t) + int(digits[1]) / 10))
+    return out
+
+
+TIME_K = 4  # the answer read-out's fifth number (after x1 y1 x2 y2): a "when" answer's seconds
+TIME_SCALE = 6.0  # ClipConfig.max_seconds: the targets fall in [0, 1]
 
 # The token that opens a box in each generation's answer notation (qvl.grounding): the four numbers after it
 # are x1, y1, x2, y2.

@@ -179,12 +179,14 @@ class AnswerBoxHead(nn.Module):
     grounding (24 000 samples) did the same for one-shape scenes, not yet with several shapes (session 17). It
     asks for the number directly, a regression target with a gradient at every digit-writing state, where the LM
     loss gives one only through the right first digit.
+    A video "when" answer adds a fifth number, its seconds (batching.TIME_K): the same missing fetch, of a video
+    token's time (docs/training_log.md, sessions 21-22).
     Works for every generation (it needs no M-RoPE). Training-only, not part of the checkpoint."""
 
     def __init__(self, hidden: int, layer: int):
         super().__init__()
         self.layer = layer
-        self.proj = nn.Linear(hidden, 4)
+        self.proj = nn.Linear(hidden, 5)  # x1 y1 x2 y2, and a "when" answer's seconds (batching.TIME_K)
 
     def forward(self, hidden: torch.Tensor, k: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """hidden [K, H] at the digit-writing states, k [K] which number, target [K] -> MSE loss."""

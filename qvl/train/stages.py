@@ -25,6 +25,8 @@ follow the papers' order (reference §8.1-8.3, `tiny_training_notes.md` for why 
   ground           stage 2 with grounding two in three questions, one-shape scenes first (qvl-tiny's, see below;
                    only with --ground-samples N); with --answer-loss, the box is also read out of the answer's
                    own states.
+  when             the same for video timing, one-shape clips first (gens 2 / 2.5, only with --when-samples N);
+                   with --answer-loss, the event's second is read out of the answer's state.
   stage3           SFT: chat format, multi-turn, loss on assistant tokens only, ViT frozen (Qwen-VL-Chat: "LLM
                    + adapter, ViT frozen"; Qwen2/2.5-VL post-training freezes the ViT too).
   rs-sft           SFT on rejection-sampled answers: only answers the model got right (see qvl.train.dpo).
@@ -80,7 +82,8 @@ class Stage:
     relist: float = 0.0  # drills: share of scene samples turned into look-up-and-copy drills (`relist`)
     repeat: float = 0.0  # drills: share of scene samples turned into verbatim copy drills (`repeat`)
     # Scene curriculum: ((until_fraction, SceneConfig overrides), ...) -- the samples before that fraction of the
-    # stage draw scenes with those overrides, the rest the stage's own scenes. Session 5 saw one-object reading
+    # stage draw scenes with those overrides (and clips with the ClipConfig ones under "clip"), the rest the
+    # stage's own scenes. Session 5 saw one-object reading
     # form in ~200 focused steps while look-up among several objects did not; session 11 saw a lone shape's kind
     # learnt sooner on small canvases with large shapes (docs/training_log.md).
     curriculum: tuple[tuple[float, dict], ...] = ()
@@ -114,6 +117,8 @@ MID_RES = 256 * 28 * 28
 # images; sooner for larger shapes), and a small canvas costs a fraction of a full one.
 GROUND_MIX = {**{t: 1.0 for t in ("color", "shape", "count", "refer")}, "ground": 12.0,
               **{t: 0.5 for t in ("caption", "ocr", "video_direction", "video_when")}}
+WHEN_MIX = {**{t: 1.0 for t in ("color", "shape", "count", "refer", "video_direction")}, "video_when": 12.0,
+            **{t: 0.5 for t in ("caption", "ground", "ocr")}}
 SHAPE_SCENES = dict(max_side=168, large_prob=0.0, max_objects=2, max_shape_frac=0.6)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -159,6 +164,15 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ground", train=("vision", "adapter", "llm"), mix=GROUND_MIX, lr=3e-4, loss="assistant", dense_weight=0.2,
           curriculum=((0.75, dict(max_objects=1)),), data=dict(max_pixels=MID_RES), seed_offset=45_000_000,
           batch_size=16),
+    # A video-timing phase (qvl-tiny's, gens 2 / 2.5): "when" 12 of 18.5 questions, one-shape clips (and scenes) in
+    # its first half, the other tasks replayed. After stage 2 the "when" answer is a per-verb constant, even with
+    # one shape in the clip: the video tokens hold their time but the answer never fetches it (session 21). From
+    # the shipped gen 2.5, 3 200 samples of such a phase (one-shape clips throughout) made the answered second
+    # follow the true one on one-shape clips (correlation within a verb 0 -> 0.63-0.69; 0.75-0.77 with the
+    # --answer-loss read-out of the seconds; session 22). Off unless asked for (--when-samples).
+    Stage("when", train=("vision", "adapter", "llm"), mix=WHEN_MIX, lr=3e-4, loss="assistant", dense_weight=0.2,
+          curriculum=((0.5, dict(max_objects=1, clip=dict(max_tracks=1))),), data=dict(max_pixels=MID_RES),
+          seed_offset=47_000_000, batch_size=16),
     Stage("stage3", train=("adapter", "llm"), mix=None, lr=2e-4, loss="assistant", data=dict(max_turns=3),
           seed_offset=50_000_000, batch_size=16),
     Stage("rs-sft", train=("adapter", "llm"), source="records", loss="assistant", lr=1e-4,
@@ -168,15 +182,15 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           warmup=0.1, seed_offset=70_000_000, batch_size=8, weight_decay=0.0),
 )}
 ORDER = ("vision-pretrain", "lm-colour", "lm-shape", "lm-box", "lm-word", "lm-pretrain", "stage1", "stage2", "ground",
-         "stage3", "rs-sft", "dpo")
+         "when", "stage3", "rs-sft", "dpo")
 
 # Samples per stage for `python -m qvl.train recipe` (multiplied by --scale); 0 = the stage is off unless asked
 # for (`ground`: --ground-samples; session 17's 24 000 hold the ~12 000 one-shape grounding samples it needs;
-# `lm-word`: --word-samples; the copy formed within 25 600, session 18).
+# `lm-word`: --word-samples; the copy formed within 25 600, session 18; `when`: --when-samples, session 22).
 # "rejection" = questions the stage-3 model answers; "rs-sft" trains on the accepted ones (epochs over them,
 # capped by this number); "dpo" = preference pairs seen.
 BUDGETS = {"vision-pretrain": 36_000, "lm-colour": 6_400, "lm-shape": 6_400, "lm-box": 6_400, "lm-word": 0,
-           "lm-pretrain": 12_000, "stage1": 6_000, "stage2": 24_000, "ground": 0,
+           "lm-pretrain": 12_000, "stage1": 6_000, "stage2": 24_000, "ground": 0, "when": 0,
            "stage3": 4_000, "rejection": 1_000, "rs-sft": 2_000, "dpo": 1_000}
 
 
@@ -288,9 +302,10 @@ def sample_at(stage: Stage, generation: str, index: int, records: list[dict] | N
     worker computes its own share from the index alone). `total` = the stage's sample count, which places
     the index in the `stage.curriculum`."""
     cfg = stage.data_config()
-    overrides = scene_at(stage, index, total)
-    if overrides:
-        cfg = replace(cfg, scene=replace(cfg.scene, **overrides))
+    overrides = dict(scene_at(stage, index, total))
+    if overrides:  # SceneConfig fields, and ClipConfig ones under "clip"
+        clip = overrides.pop("clip", {})
+        cfg = replace(cfg, scene=replace(cfg.scene, **overrides), clip=replace(cfg.clip, **clip))
     mix = stage.mix
     if mix is not None and generation == "1":
         mix = {k: v for k, v in mix.items() if k not in T.VIDEO_TASKS} or None
