@@ -644,6 +644,9 @@ def test_recipe_rejects_malformed_variant_flags_in_one_line():
         out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", flag, value], capture_output=True, text=True)
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert says in out.stderr.strip().splitlines()[-1]
+    out = subprocess.run([sys.executable, "-m", "qvl.train", "--generation", "1", "--stage", "when", "--samples", "16",
+                          "--out", "/nonexistent/out"], capture_output=True, text=True)
+    assert out.returncode == 2 and "gen 1 (Qwen-VL) has no video input" in out.stderr.strip().splitlines()[-1]
 
 
 # --------------------------------------------------------------------------------------------------

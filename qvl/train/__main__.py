@@ -43,6 +43,8 @@ def stage_main(argv) -> int:
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
     _common(ap)
     a = ap.parse_args(argv)
+    if a.stage == "when" and a.generation == "1":
+        ap.error("the when phase trains video timing; gen 1 (Qwen-VL) has no video input")
     from qvl.train import tiny
     from qvl.train.dpo import read_jsonl
     from qvl.train.loop import train

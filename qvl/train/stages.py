@@ -169,10 +169,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     # one shape in the clip: the video tokens hold their time but the answer never fetches it (session 21). From
     # the shipped gen 2.5, 3 200 samples of such a phase (one-shape clips throughout) made the answered second
     # follow the true one on one-shape clips (correlation within a verb 0 -> 0.63-0.69; 0.75-0.77 with the
-    # --answer-loss read-out of the seconds; session 22). Off unless asked for (--when-samples).
+    # --answer-loss read-out of the seconds, which the phase therefore always has; session 22). Off unless asked
+    # for (--when-samples).
     Stage("when", train=("vision", "adapter", "llm"), mix=WHEN_MIX, lr=3e-4, loss="assistant", dense_weight=0.2,
-          curriculum=((0.5, dict(max_objects=1, clip=dict(max_tracks=1))),), data=dict(max_pixels=MID_RES),
-          seed_offset=47_000_000, batch_size=16),
+          answer_weight=1.0, curriculum=((0.5, dict(max_objects=1, clip=dict(max_tracks=1))),),
+          data=dict(max_pixels=MID_RES), seed_offset=47_000_000, batch_size=16),
     Stage("stage3", train=("adapter", "llm"), mix=None, lr=2e-4, loss="assistant", data=dict(max_turns=3),
           seed_offset=50_000_000, batch_size=16),
     Stage("rs-sft", train=("adapter", "llm"), source="records", loss="assistant", lr=1e-4,
