@@ -1451,11 +1451,12 @@ SMALL_DATA = dict(max_pixels=64 * 28 * 28, video_min_pixels=4 * 28 * 28, video_m
                   clip=dict(max_side=140, max_seconds=2.5), scene=dict(max_side=224, large_prob=0.0))
 
 def notebook_sized(stage):
-    """A stage with the same parts, loss and task mix, on smaller canvases (qvl.train.stages.Stage.data)."""
+    """A stage with the same parts, loss and task mix, on smaller canvases (qvl.train.stages.Stage.data); a
+    read-out of the answer (the when phase's) reads the notebook decoder's last layer at most."""
     data = {**stage.data, **{k: v for k, v in SMALL_DATA.items() if k != "scene"}}
     data["scene"] = {**SMALL_DATA["scene"], **stage.data.get("scene", {})}
     data["max_pixels"] = min(stage.data.get("max_pixels", SMALL_DATA["max_pixels"]), SMALL_DATA["max_pixels"])
-    return replace(stage, data=data)
+    return replace(stage, data=data, answer_layer=min(stage.answer_layer, NB_DECODER["layers"] - 1))
 
 def fresh_model_dir(gen, name="init", seed=0):
     tok = tiny.load_tokenizer(gen, TOK)
