@@ -354,10 +354,10 @@ def answer_times(ids: torch.Tensor, labels: torch.Tensor, tokenizer) -> list[tup
     text = _answer_text(ids, labels, tokenizer)
     out = []
     for i, t in text.items():
-        digits = [text.get(i + j, "") for j in (0, 2)]
-        if (t.strip().isdigit() and not text.get(i - 1, "").strip()[-1:].isdigit() and text.get(i + 1) == "."
-                and digits[1].isdigit() and text.get(i + 3, "").startswith(" second")):
-            out.append((i, int(t) + int(digits[1]) / 10))
+        tenth = text.get(i + 2, "")
+        if (t.isdigit() and not text.get(i - 1, "")[-1:].isdigit() and text.get(i + 1) == "." and tenth.isdigit()
+                and text.get(i + 3, "").startswith(" second")):
+            out.append((i, int(t) + int(tenth) / 10))
     return out
 
 

@@ -26,7 +26,7 @@ follow the papers' order (reference §8.1-8.3, `tiny_training_notes.md` for why 
                    only with --ground-samples N); with --answer-loss, the box is also read out of the answer's
                    own states.
   when             the same for video timing, one-shape clips first (gens 2 / 2.5, only with --when-samples N);
-                   with --answer-loss, the event's second is read out of the answer's state.
+                   the event's second is also read out of the state before the answer's first digit.
   stage3           SFT: chat format, multi-turn, loss on assistant tokens only, ViT frozen (Qwen-VL-Chat: "LLM
                    + adapter, ViT frozen"; Qwen2/2.5-VL post-training freezes the ViT too).
   rs-sft           SFT on rejection-sampled answers: only answers the model got right (see qvl.train.dpo).
@@ -83,9 +83,9 @@ class Stage:
     repeat: float = 0.0  # drills: share of scene samples turned into verbatim copy drills (`repeat`)
     # Scene curriculum: ((until_fraction, SceneConfig overrides), ...) -- the samples before that fraction of the
     # stage draw scenes with those overrides (and clips with the ClipConfig ones under "clip"), the rest the
-    # stage's own scenes. Session 5 saw one-object reading
-    # form in ~200 focused steps while look-up among several objects did not; session 11 saw a lone shape's kind
-    # learnt sooner on small canvases with large shapes (docs/training_log.md).
+    # stage's own scenes. Session 5 saw one-object reading form in ~200 focused steps while look-up among several
+    # objects did not; session 11 saw a lone shape's kind learnt sooner on small canvases with large shapes
+    # (docs/training_log.md).
     curriculum: tuple[tuple[float, dict], ...] = ()
 
     @property
