@@ -35,6 +35,7 @@ from types import SimpleNamespace
 import torch
 
 from qvl.api import encode
+from qvl.data.video import ClipConfig
 from qvl.data.world import COLORS, KINDS, WORDS
 from qvl.generate import prompt_positions
 
@@ -362,7 +363,7 @@ def answer_times(ids: torch.Tensor, labels: torch.Tensor, tokenizer) -> list[tup
 
 
 TIME_K = 4  # the answer read-out's fifth number (after x1 y1 x2 y2): a "when" answer's seconds
-TIME_SCALE = 6.0  # ClipConfig.max_seconds: the targets fall in [0, 1]
+TIME_SCALE = ClipConfig.max_seconds  # the longest clip: the targets fall in [0, 1]
 
 # The token that opens a box in each generation's answer notation (qvl.grounding): the four numbers after it
 # are x1, y1, x2, y2.
