@@ -16,6 +16,10 @@ what a model that ignores the image and the question gets, so a score is read ag
 `--ablation DIR DIR ...` puts generations side by side on the same held-out seeds: OCR split by text height,
 grounding, video timing, vision tokens and milliseconds per image vs resolution, and linear probes on the
 vision tokens (is there text under a token, which letter) that show what each vision side hands its decoder.
+Video timing is asked again with the same clips sampled at other frame rates than training's 2 fps
+(`ABLATION_FPS`): Qwen2.5-VL's temporal position ids count seconds, Qwen2-VL's count frame pairs, so only
+an answer read from the former keeps its meaning when the rate changes. `--video-fps F` does the same for a
+plain evaluation.
 
     from qvl.eval import evaluate, format_table
     results = evaluate(reply_fn, "2.5", tasks=("color", "ground"), n=50)   # reply_fn(list[Sample]) -> list[str]
@@ -151,13 +155,13 @@ def cost_of(stats: dict) -> dict:
 
 
 def evaluate_dir(model_dir, n: int = 500, tasks=None, batch_size: int = 16, device=None, keep_replies: int = 0,
-                 transform=None):
+                 transform=None, config: T.DataConfig = T.DataConfig()):
     """Load a model directory and evaluate it (`transform`: see `evaluate`). -> (results, cost, generation)"""
     import qvl
 
     vlm = qvl.load(model_dir, device=device)
     fn = vlm_reply_fn(vlm, batch_size)
-    results = evaluate(fn, vlm.generation, tasks, n, keep_replies=keep_replies, transform=transform)
+    results = evaluate(fn, vlm.generation, tasks, n, config, keep_replies=keep_replies, transform=transform)
     return results, cost_of(fn.stats), vlm.generation
 
 
@@ -167,6 +171,18 @@ def evaluate_dir(model_dir, n: int = 500, tasks=None, batch_size: int = 16, devi
 
 ABLATION_TASKS = ("ocr", "ground", "video_when")
 COST_SIDES = (224, 448, 896)  # square canvases for the vision-cost columns
+# "When" again at these sampling rates (training samples ~2 fps, the qwen-vl-utils default). The rate is what
+# the two M-RoPE designs disagree on: gen 2.5's temporal ids are seconds (`second_per_grid_t`, Qwen2.5-VL
+# paper §2.1.3 "absolute time encoding"), gen 2's are the index of the frame pair, so at 4 fps a gen-2 id means
+# half the time it meant in training. 1 fps is floored at qwen-vl-utils' 4 frames, so short clips get more.
+ABLATION_FPS = (1.0, 4.0)
+
+
+def sampled_fps(generation: str, n: int, config: T.DataConfig) -> float:
+    """The mean rate the first n held-out "when" clips are sampled at under `config` (frames per second of
+    clip, after qwen-vl-utils' frame-count rounding), without rendering them."""
+    samples = T.eval_samples("video_when", generation, n, config, render_media=False)
+    return sum(s.media["fps"] for s in samples) / max(1, len(samples))
 
 
 def vision_cost(vlm, sides: Sequence[int] = COST_SIDES, repeats: int = 5) -> dict:
@@ -294,15 +310,24 @@ def text_probe(vlm, n_fit: int = PROBE_FIT, n_test: int = PROBE_FIT) -> dict:
 
 
 def ablation(model_dirs: Sequence, n: int = 500, device=None, probe_n: int = PROBE_FIT) -> list[dict]:
-    """One row per model: small vs normal text OCR, grounding, video timing, vision cost vs resolution."""
+    """One row per model: small vs normal text OCR, grounding, video timing (also at ABLATION_FPS), vision cost
+    vs resolution."""
     import qvl
 
     rows = []
     for d in model_dirs:
         vlm = qvl.load(d, device=device)
-        results = evaluate(vlm_reply_fn(vlm), vlm.generation, ABLATION_TASKS, n)
-        rows.append({"model": str(d), "generation": vlm.generation, "results": results,
-                     "text_probe": text_probe(vlm, probe_n, probe_n), "vision_cost": vision_cost(vlm)})
+        reply = vlm_reply_fn(vlm)
+        results = evaluate(reply, vlm.generation, ABLATION_TASKS, n)
+        row = {"model": str(d), "generation": vlm.generation, "results": results}
+        if "video_when" in results:
+            row["when_at_fps"] = {}
+            for fps in ABLATION_FPS:
+                config = replace(T.DataConfig(), video_fps=fps)
+                score = evaluate(reply, vlm.generation, ["video_when"], n, config)["video_when"]["score"]
+                row["when_at_fps"][f"{fps:g}"] = {"score": score, "sampled_fps": sampled_fps(vlm.generation, n, config)}
+        row.update(text_probe=text_probe(vlm, probe_n, probe_n), vision_cost=vision_cost(vlm))
+        rows.append(row)
     return rows
 
 
@@ -312,7 +337,8 @@ def format_ablation(rows: list[dict]) -> str:
     cost_cols = [f"vision {s}² (tokens / ms)" for s in COST_SIDES]
     head = ["generation", "what differs", f"OCR >= {SMALL_TEXT_PX} px", f"OCR < {SMALL_TEXT_PX} px (large canvases)",
             f"text probe >= {SMALL_TEXT_PX} px (found / letter)", f"text probe < {SMALL_TEXT_PX} px (found / letter)",
-            "ground mIoU", "IoU >= 0.5", f"video when (±{T.WHEN_TOLERANCE_S} s)", *cost_cols]
+            "ground mIoU", "IoU >= 0.5", f"video when (±{T.WHEN_TOLERANCE_S} s)",
+            *[f"when, clips at {f:g} fps" for f in ABLATION_FPS], *cost_cols]
     differs = {"1": "fixed 224² + resampler, 0-1000 boxes, no video",
                "2": "native res, full-attention ViT, 0-1000 boxes, M-RoPE time = frame index",
                "2.5": "native res, window ViT, absolute-pixel boxes, M-RoPE time = seconds"}
@@ -327,6 +353,9 @@ def format_ablation(rows: list[dict]) -> str:
                    for k in (f">={SMALL_TEXT_PX}px", big)],
                  f"{ground.get('score', 0):.3f}", _pct(ground.get("iou>=0.5")),
                  _pct(when["score"]) if when else "no video"]
+        at = r.get("when_at_fps", {})
+        cells += [f"{_pct(at[f'{f:g}']['score']).strip()} ({at[f'{f:g}']['sampled_fps']:.1f} fps)"
+                  if f"{f:g}" in at else "no video" for f in ABLATION_FPS]
         cells += [f"{c['tokens']} / {c['ms']:.1f}" for c in r["vision_cost"].values()]
         lines.append("| " + " | ".join(cells) + " |")
     consts = []  # "gen 2.5: ocr 2.0 %, ground 0.039, video_when 36.5 %"
@@ -361,7 +390,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--examples", type=int, default=0, help="keep this many replies per task (JSON)")
+    ap.add_argument("--video-fps", type=float, default=None, metavar="F",
+                    help=f"sample the video clips at F frames per second (default {T.DataConfig().video_fps:g}, "
+                         "as in training)")
     args = ap.parse_args(argv)
+    if args.video_fps is not None and not args.video_fps > 0:
+        ap.error(f"--video-fps must be > 0, got {args.video_fps:g}")
+    if args.video_fps is not None and args.ablation:
+        ap.error("--video-fps is for a plain evaluation; --ablation asks 'when' at its own rates (ABLATION_FPS)")
+    config = T.DataConfig() if args.video_fps is None else replace(T.DataConfig(), video_fps=args.video_fps)
     import torch
 
     if (args.device or "cpu") == "cpu" and not torch.cuda.is_available():
@@ -376,7 +413,7 @@ def main(argv=None) -> int:
         return 0
     for model_dir in args.model_dir:
         results, cost, generation = evaluate_dir(model_dir, args.n, args.tasks, args.batch_size, args.device,
-                                                 args.examples)
+                                                 args.examples, config=config)
         if args.json:
             print(json.dumps({"model": str(model_dir), "generation": generation, "results": results,
                               "cost": cost}, indent=2))

@@ -62,6 +62,9 @@ def test_ablation_cli_on_two_generations(tok_dir, tmp_path):
     rows = json.loads(out.stdout)
     assert [r["generation"] for r in rows] == ["1", "2.5"]
     assert "video_when" not in rows[0]["results"] and "video_when" in rows[1]["results"]
+    assert "when_at_fps" not in rows[0] and set(rows[1]["when_at_fps"]) == {f"{f:g}" for f in E.ABLATION_FPS}
+    for f, at in rows[1]["when_at_fps"].items():  # frame counts are rounded to even numbers, at least 4
+        assert 0 <= at["score"] <= 1 and at["sampled_fps"] == pytest.approx(float(f), rel=0.35)
     for side, c in rows[1]["vision_cost"].items():
         assert c["tokens"] == (int(side) // 28) ** 2 and c["ms"] > 0
     assert {c["tokens"] for c in rows[0]["vision_cost"].values()} == {tiny.GEN1_QUERIES}
@@ -72,7 +75,41 @@ def test_ablation_cli_on_two_generations(tok_dir, tmp_path):
     assert table.count("\n") == 7 and "| 1 |" in table and "| 2.5 |" in table and "Text probe" in table
     const = rows[1]["results"]["video_when"]["constant"]["score"]
     assert f"video_when {100 * const:.1f} %" in table and "best constant answer" in table
-    assert "no video" in table.splitlines()[2]
+    cells = [c.strip() for c in table.splitlines()[2].split("|")]
+    assert cells.count("no video") == 1 + len(E.ABLATION_FPS)  # gen 1's "when" cells
+    assert "when, clips at 4 fps" in table.splitlines()[0]
+
+
+def test_other_frame_rates_keep_the_questions_and_change_the_frames():
+    """`video_fps` changes only how many frames of the same clip are sampled: the questions and answers stay
+    (an oracle still scores 100 %), the frame count follows the rate, and the rate handed to the model is the
+    sampled one (frames / clip seconds), which gen 2.5's time ids are built from."""
+    from dataclasses import replace
+
+    from qvl.data import tasks as T
+
+    base = T.eval_samples("video_when", "2.5", 8, render_media=False)
+    for fps in (1.0, 4.0):
+        config = replace(T.DataConfig(), video_fps=fps)
+        other = T.eval_samples("video_when", "2.5", 8, config, render_media=False)
+        assert [s.answer for s in other] == [s.answer for s in base]
+        assert [(s.qas, s.clip) for s in other] == [(s.qas, s.clip) for s in base]
+        res = E.evaluate(lambda ss: [s.answer for s in ss], "2.5", ["video_when"], 8, config)
+        assert res["video_when"]["score"] == 1.0
+        for s, b in zip(other, base):
+            seconds = s.clip.n_frames / s.clip.fps
+            assert s.media["fps"] == pytest.approx(len(s.media["frame_indices"]) / seconds)
+            if fps == 4.0:  # source clips run at >= 4 fps: about twice the frames of the default 2 fps
+                assert len(s.media["frame_indices"]) > len(b.media["frame_indices"])
+                assert s.media["fps"] == pytest.approx(4.0, rel=0.15)
+    assert E.sampled_fps("2.5", 8, T.DataConfig()) == pytest.approx(2.0, rel=0.2)
+
+
+@pytest.mark.parametrize("args, message", [(["--video-fps", "0"], "--video-fps must be > 0"),
+                                           (["--video-fps", "4", "--ablation"], "--video-fps is for a plain")])
+def test_video_fps_flag_errors_in_one_line(args, message):
+    out = subprocess.run([sys.executable, "-m", "qvl.eval", "no-such-dir", *args], capture_output=True, text=True)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
 def test_linear_probe_reads_separable_features_and_not_noise():
