@@ -172,8 +172,8 @@ def evaluate_dir(model_dir, n: int = 500, tasks=None, batch_size: int = 16, devi
 ABLATION_TASKS = ("ocr", "ground", "video_when")
 COST_SIDES = (224, 448, 896)  # square canvases for the vision-cost columns
 # "When" again at these sampling rates (training samples ~2 fps, the qwen-vl-utils default). The rate is what
-# the two M-RoPE designs disagree on: gen 2.5's temporal ids are seconds (`second_per_grid_t`, Qwen2.5-VL
-# paper §2.1.3 "absolute time encoding"), gen 2's are the index of the frame pair, so at 4 fps a gen-2 id means
+# the two M-RoPE designs disagree on: gen 2.5's temporal ids are seconds (`second_per_grid_t`, the Qwen2.5-VL
+# report's "absolute time encoding"), gen 2's are the index of the frame pair, so at 4 fps a gen-2 id means
 # half the time it meant in training. 1 fps is floored at qwen-vl-utils' 4 frames, so short clips get more.
 ABLATION_FPS = (1.0, 4.0)
 
