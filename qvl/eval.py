@@ -106,6 +106,8 @@ def evaluate(reply_fn: Callable, generation: str, tasks: Sequence[str] | None = 
         scores = [T.score(task, r, s.truth) for r, s in zip(replies, samples)]
         res = {"n": len(scores), "score": sum(scores) / max(1, len(scores)),
                "constant": constant_baseline(task, samples)}
+        if task in T.VIDEO_TASKS:  # the rate the clips were sampled at (frame counts are rounded: not exactly config's)
+            res["sampled_fps"] = sum(s.media["fps"] for s in samples) / max(1, len(samples))
         if task == "ground":
             res["iou>=0.5"] = sum(s >= 0.5 for s in scores) / max(1, len(scores))
         if task == "ocr":
@@ -176,13 +178,6 @@ COST_SIDES = (224, 448, 896)  # square canvases for the vision-cost columns
 # report's "absolute time encoding"), gen 2's are the index of the frame pair, so at 4 fps a gen-2 id means
 # half the time it meant in training. 1 fps is floored at qwen-vl-utils' 4 frames, so short clips get more.
 ABLATION_FPS = (1.0, 4.0)
-
-
-def sampled_fps(generation: str, n: int, config: T.DataConfig) -> float:
-    """The mean rate the first n held-out "when" clips are sampled at under `config` (frames per second of
-    clip, after qwen-vl-utils' frame-count rounding), without rendering them."""
-    samples = T.eval_samples("video_when", generation, n, config, render_media=False)
-    return sum(s.media["fps"] for s in samples) / max(1, len(samples))
 
 
 def vision_cost(vlm, sides: Sequence[int] = COST_SIDES, repeats: int = 5) -> dict:
@@ -324,8 +319,8 @@ def ablation(model_dirs: Sequence, n: int = 500, device=None, probe_n: int = PRO
             row["when_at_fps"] = {}
             for fps in ABLATION_FPS:
                 config = replace(T.DataConfig(), video_fps=fps)
-                score = evaluate(reply, vlm.generation, ["video_when"], n, config)["video_when"]["score"]
-                row["when_at_fps"][f"{fps:g}"] = {"score": score, "sampled_fps": sampled_fps(vlm.generation, n, config)}
+                when = evaluate(reply, vlm.generation, ["video_when"], n, config)["video_when"]
+                row["when_at_fps"][f"{fps:g}"] = {"score": when["score"], "sampled_fps": when["sampled_fps"]}
         row.update(text_probe=text_probe(vlm, probe_n, probe_n), vision_cost=vision_cost(vlm))
         rows.append(row)
     return rows
