@@ -199,6 +199,64 @@ def test_per_shape_loss_reads_the_mean_of_each_shapes_tokens():
     assert head.obj.weight.grad.abs().sum() > 0
 
 
+def test_count_targets_repeat_each_images_counts_on_its_tokens(tok_dir):
+    """Every vision token of an image carries that image's counts -- shapes in all, per colour, per kind --
+    counted here from the scenes by hand; the two images of a batch keep their own counts."""
+    from collections import Counter
+
+    from qvl.data.world import COLORS, KINDS
+    from qvl.train.batching import N_COUNTS
+
+    tok = tiny.load_tokenizer("2.5", tok_dir)
+    model = tiny.new_model("2.5", tok)
+    samples = list(itertools.islice(iterate("2.5", mix={"count": 1.0}), 2))
+    b = Collator("2.5", tok, model.config, loss="text", dense=True)(samples)
+    n0 = int(b["vision"]["image_grid_thw"][0].prod()) // 4
+    assert b["dense_count"].shape == (len(b["dense_cls"]), N_COUNTS)
+    for rows, s in ((b["dense_count"][:n0], samples[0]), (b["dense_count"][n0:], samples[1])):
+        colours, kinds = Counter(sh.color for sh in s.scene.shapes), Counter(sh.kind for sh in s.scene.shapes)
+        want = [len(s.scene.shapes)] + [colours[c] for c in COLORS] + [kinds[k] for k in KINDS]
+        assert (rows == torch.tensor(want)).all()
+
+
+def test_count_loss_is_the_weighted_cross_entropy_of_each_tokens_counts_and_heads_travel():
+    """The count term = count_weight x cross-entropy of the linear read-out of each LayerNormed token, over
+    its N_COUNTS numbers, recomputed by hand; a head file without the read-out loads into a head with one
+    (it starts fresh there) and the other way round (it is dropped)."""
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from qvl.train.batching import MAX_COUNT, N_COUNTS
+    from qvl.train.loop import load_head
+
+    torch.manual_seed(0)
+    head = DenseHead(16, count=True)
+    feats = torch.randn(5, 16)
+    cls, letter, box = torch.tensor([0, 5, 5, 1, 0]), torch.zeros(5, dtype=torch.long), torch.rand(5, 4)
+    count = torch.randint(0, MAX_COUNT + 1, (5, N_COUNTS))
+    base, _ = head(feats, cls, letter, box, count=count, count_weight=0.0)
+    full, metrics = head(feats, cls, letter, box, count=count, count_weight=0.5)
+    normed = F.layer_norm(feats, (16,), head.trunk[0].weight, head.trunk[0].bias)
+    logits = (normed @ head.count.weight.T + head.count.bias).view(5, N_COUNTS, MAX_COUNT + 1)
+    want = 0.5 * F.cross_entropy(logits.reshape(-1, MAX_COUNT + 1), count.reshape(-1))
+    assert torch.allclose(full - base, want, atol=1e-5)
+    assert float(metrics["count_acc"]) == float((logits[:, 0].argmax(-1) == count[:, 0]).float().mean())
+    assert "count_acc" not in head(feats, cls, letter, box, count=count)[1]  # weight 0: no count loss
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        plain = DenseHead(16)
+        save_file(plain.state_dict(), f"{d}/h.safetensors")
+        fresh = DenseHead(16, count=True)
+        before = fresh.count.weight.clone()
+        load_head(fresh, d, "h.safetensors")
+        assert torch.equal(fresh.trunk[1].weight, plain.trunk[1].weight) and torch.equal(fresh.count.weight, before)
+        save_file(head.state_dict(), f"{d}/h.safetensors")
+        load_head(plain, d, "h.safetensors")
+        assert torch.equal(plain.obj.weight, head.obj.weight)
+
+
 def test_drills_replace_the_image_with_text_and_keep_answers():
     s = S.sample_at(S.get("lm-pretrain"), "2.5", 3)
     assert s.scene is None and s.clip is None
@@ -640,7 +698,8 @@ def test_recipe_rejects_malformed_variant_flags_in_one_line():
                               ("--mrope-section", "a,b,c", "--mrope-section: expected three positive integers"),
                               ("--ground-samples", "-5", "--ground-samples must be >= 0"),
                               ("--word-samples", "-1", "--word-samples must be >= 0"),
-                              ("--when-samples", "-3", "--when-samples must be >= 0")):
+                              ("--when-samples", "-3", "--when-samples must be >= 0"),
+                              ("--count-target", "-1", "--count-target must be >= 0")):
         out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", flag, value], capture_output=True, text=True)
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert says in out.stderr.strip().splitlines()[-1]
@@ -845,17 +904,20 @@ def test_answer_loss_refuses_dpo_and_a_missing_layer(tok_dir, tmp_path):
 
 def test_recipe_flags_put_each_loss_in_its_stages(monkeypatch):
     """--position-loss: stage 2, ground, when, stage 3 of gens 2 / 2.5 (gen 1 has no M-RoPE grid); --answer-loss:
-    ground, when and stage 3 of every generation (gen 1 skips the when phase); both beside any
-    --object-curriculum."""
+    ground, when and stage 3 of every generation (gen 1 skips the when phase); --count-target: every stage with the
+    dense vision loss, all generations; all beside any --object-curriculum."""
     from qvl.train import __main__ as R
 
     seen = {}
     monkeypatch.setattr(R, "run_recipe", lambda g, *a, stage_overrides=None, **k: seen.__setitem__(g, stage_overrides))
     R.recipe_main(["--generation", "all", "--out", "/nonexistent/out", "--position-loss", "0.5", "--position-layer", "2",
-                   "--answer-loss", "2", "--answer-layer", "6", "--object-curriculum", "0.5:1"])
+                   "--answer-loss", "2", "--answer-layer", "6", "--object-curriculum", "0.5:1",
+                   "--count-target", "0.5"])
     pos, ans = dict(position_weight=0.5, position_layer=2), dict(answer_weight=2.0, answer_layer=6)
+    cnt = dict(count_weight=0.5)
     curriculum = {"curriculum": ((0.5, {"max_objects": 1}),)}
     for g in ("2", "2.5"):
-        assert seen[g] == {"stage2": {**curriculum, **pos}, "ground": {**pos, **ans}, "when": {**pos, **ans},
-                           "stage3": {**pos, **ans}}
-    assert seen["1"] == {"stage2": curriculum, "ground": ans, "when": ans, "stage3": ans}
+        assert seen[g] == {"vision-pretrain": cnt, "stage2": {**curriculum, **pos, **cnt},
+                           "ground": {**pos, **cnt, **ans}, "when": {**pos, **cnt, **ans}, "stage3": {**pos, **ans}}
+    assert seen["1"] == {"vision-pretrain": cnt, "stage2": {**curriculum, **cnt}, "ground": {**cnt, **ans},
+                         "when": {**cnt, **ans}, "stage3": ans}

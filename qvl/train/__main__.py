@@ -238,6 +238,10 @@ def recipe_main(argv) -> int:
                          "states that write it, in the ground and when phases and stage 3 (loop.AnswerBoxHead; "
                          "docs/training_log.md sessions 15, 22); 0 = off")
     ap.add_argument("--answer-layer", type=int, default=5, help="decoder layer the --answer-loss reads")
+    ap.add_argument("--count-target", type=float, default=0.0, metavar="W",
+                    help="weight of a per-token count target in the dense vision loss (every vision token: how many "
+                         "shapes, per colour, per kind its image holds) in vision-pretrain, stage 2 and the ground / "
+                         "when phases (loop.DenseHead; docs/training_log.md session 25); 0 = off")
     ap.add_argument("--ground-samples", type=int, default=0, metavar="N",
                     help="run the ground phase (stage 2's set-up, two in three questions grounding, one-shape scenes first) for N "
                          "samples between stage 2 and stage 3; 0 = skip it (docs/training_log.md session 16)")
@@ -252,6 +256,8 @@ def recipe_main(argv) -> int:
     a = ap.parse_args(argv)
     from qvl.train import tiny
 
+    if a.count_target < 0:
+        ap.error(f"--count-target must be >= 0, got {a.count_target}")
     for flag in ("position", "answer"):
         if getattr(a, f"{flag}_loss") < 0:
             ap.error(f"--{flag}-loss must be >= 0, got {getattr(a, f'{flag}_loss')}")
@@ -291,6 +297,9 @@ def recipe_main(argv) -> int:
         if a.position_loss and g != "1":
             for s in ("stage2", "ground", "when", "stage3"):
                 out.setdefault(s, {}).update(position_weight=a.position_loss, position_layer=a.position_layer)
+        if a.count_target:
+            for s in ("vision-pretrain", "stage2", "ground", "when"):
+                out.setdefault(s, {}).update(count_weight=a.count_target)
         if a.answer_loss:
             for s in ("ground", "when", "stage3"):
                 out.setdefault(s, {}).update(answer_weight=a.answer_loss, answer_layer=a.answer_layer)

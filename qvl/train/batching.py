@@ -56,6 +56,10 @@ N_LETTERS = 1 + len(LETTERS)  # 0 = no letter under this cell
 _LETTER_ID = {c: i + 1 for i, c in enumerate(LETTERS)}
 _COLOR_ID = {c: i for i, c in enumerate(COLORS)}
 _KIND_ID = {k: i for i, k in enumerate(KINDS)}
+# Count targets per image: shapes in all, of each colour, of each kind -- what the count questions ask
+# (qvl.data.tasks.ask_count), each a class 0..MAX_COUNT (more is clipped; scenes hold at most 4 shapes).
+N_COUNTS = 1 + len(COLORS) + len(KINDS)
+MAX_COUNT = 4
 
 
 class Collator:
@@ -231,6 +235,7 @@ class Collator:
             return {}
         classes = [shape_classes(sc) for sc in scenes]
         out = stack_dense(parts, classes)
+        out["dense_count"] = torch.cat([scene_counts(sc).expand(len(p[0]), -1) for sc, p in zip(scenes, parts)])
         if self.generation == "1":  # also per ViT patch: the resampler's queries start out non-spatial
             side = self.config.vision.image_size // self.config.vision.patch_size
             out.update(stack_dense([dense_targets(sc, (side, side)) for sc in scenes], classes, "dense_patch_"))
@@ -240,6 +245,16 @@ class Collator:
 def shape_classes(scene) -> torch.Tensor:
     """Colour x kind class of each shape in `scene.shapes`, counted from 0 (the dense class minus 2)."""
     return torch.tensor([_COLOR_ID[s.color] * len(KINDS) + _KIND_ID[s.kind] for s in scene.shapes], dtype=torch.long)
+
+
+def scene_counts(scene) -> torch.Tensor:
+    """[N_COUNTS]: how many shapes the scene holds, then per colour (COLORS order), then per kind (KINDS)."""
+    n = torch.zeros(N_COUNTS, dtype=torch.long)
+    n[0] = len(scene.shapes)
+    for s in scene.shapes:
+        n[1 + _COLOR_ID[s.color]] += 1
+        n[1 + len(COLORS) + _KIND_ID[s.kind]] += 1
+    return n.clamp_(max=MAX_COUNT)
 
 
 def dense_targets(scene, grid: tuple[int, int]):

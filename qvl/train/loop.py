@@ -38,9 +38,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from qvl.data.world import KINDS
 from qvl.train import stages as S
 from qvl.train import tiny
-from qvl.train.batching import IGNORE, N_DENSE_CLASSES, N_LETTERS, Collator, embed_kwargs, to_device
+from qvl.train.batching import (IGNORE, MAX_COUNT, N_COUNTS, N_DENSE_CLASSES, N_LETTERS, Collator, embed_kwargs,
+                                to_device)
 
 STATE_FILE = "state.pt"
+SHOWN_METRICS = ("dense_acc", "obj_acc", "kind_acc", "letter_acc", "patch_obj_acc", "count_acc", "reward_acc", "margin",
+                 "pos_mse", "box_mse")  # on the progress line
 HEAD_FILE = "dense_head.safetensors"
 POSITION_HEAD_FILE = "position_head.safetensors"
 ANSWER_HEAD_FILE = "answer_head.safetensors"
@@ -65,7 +68,7 @@ class DenseHead(nn.Module):
     """Per vision token: class (background / text / colour x shape), letter under it, its object's box.
     Lives next to the model (not in the official checkpoint): a training-only probe, like a CLIP head."""
 
-    def __init__(self, hidden: int, patch_dim: int | None = None):
+    def __init__(self, hidden: int, patch_dim: int | None = None, count: bool = False):
         super().__init__()
         self.trunk = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU())
         self.cls = nn.Linear(hidden, N_DENSE_CLASSES)
@@ -83,14 +86,22 @@ class DenseHead(nn.Module):
         # query attends to all patches alike, so no query output is about one place and the ViT gets no
         # spatial signal. A 16 x 16 patch-level loss trains the ViT directly, as for gen 2/2.5.
         self.patch = DenseHead(patch_dim) if patch_dim else None
+        # Optional (Stage.count_weight): every token of an image names how many shapes the image holds, in all,
+        # per colour, per kind -- read linearly from the normed token, like `obj`. The count questions ask for
+        # one of these numbers; the shipped models answer them as an estimate of how much is there (n or n + 1,
+        # docs/training_log.md session 20), not an enumeration. A ViT with full-attention blocks can gather the
+        # count into every token under a direct target, so the decoder's answer becomes a look-up like colour.
+        self.count = nn.Linear(hidden, N_COUNTS * (MAX_COUNT + 1)) if count else None
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> "DenseHead":
-        return cls(model.config.text.hidden_size, model.config.vision.width if model.generation == "1" else None)
+    def for_model(cls, model: nn.Module, count: bool = False) -> "DenseHead":
+        return cls(model.config.text.hidden_size, model.config.vision.width if model.generation == "1" else None,
+                   count)
 
-    def forward(self, feats, cls, letter, box, obj=None, obj_cls=None):
+    def forward(self, feats, cls, letter, box, obj=None, obj_cls=None, count=None, count_weight=0.0):
         """feats [N, H] -> (loss, metrics). Letter loss only on text tokens, box loss only on object tokens;
-        with obj [N] (batch shape index per token, -1 off shapes) and obj_cls [S], the per-shape loss."""
+        with obj [N] (batch shape index per token, -1 off shapes) and obj_cls [S], the per-shape loss; with
+        count [N, N_COUNTS] and a head built with `count`, the per-token count loss times count_weight."""
         normed = self.trunk[0](feats.float())
         h = self.trunk[1:](normed)
         logits = self.cls(h)
@@ -125,6 +136,13 @@ class DenseHead(nn.Module):
             metrics["kind_acc"] = (lo.argmax(-1) % k == obj_cls[seen] % k).float().mean().detach()
         else:
             loss = loss + 0.0 * self.obj.weight.sum()
+        if self.count is not None:
+            if count is not None and count_weight > 0:
+                lc = self.count(normed).view(-1, N_COUNTS, MAX_COUNT + 1)  # [N, N_COUNTS, classes]
+                loss = loss + count_weight * F.cross_entropy(lc.flatten(0, 1), count.flatten())
+                metrics["count_acc"] = (lc[:, 0].argmax(-1) == count[:, 0]).float().mean().detach()
+            else:
+                loss = loss + 0.0 * self.count.weight.sum()
         return loss, metrics
 
 
@@ -204,7 +222,11 @@ def load_head(head: nn.Module | None, init, name: str) -> None:
     if head is not None and file is not None and file.exists():
         from safetensors.torch import load_file
 
-        head.load_state_dict(load_file(str(file)))
+        state = load_file(str(file))
+        # the count read-out (Stage.count_weight) may start at this stage, or be left behind by it
+        own = head.state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith("count.") or k in own}
+        head.load_state_dict({**{k: v for k, v in own.items() if k.startswith("count.")}, **state})
 
 
 def vision_module(model: nn.Module) -> nn.Module:
@@ -326,7 +348,8 @@ class TrainModule(nn.Module):
             if "dense_cls" in batch and feats:
                 f = feats[0].flatten(0, -2)  # gen 1: [N, 64, H] -> [N*64, H]; gen 2: images come first
                 d, m = self.head(f, batch["dense_cls"], batch["dense_letter"], batch["dense_box"],
-                                 batch.get("dense_obj"), batch.get("dense_obj_cls"))
+                                 batch.get("dense_obj"), batch.get("dense_obj_cls"), batch.get("dense_count"),
+                                 stage.count_weight)
                 metrics.update(m, dense_loss=d.detach())
                 if self.head.patch is not None and patch_feats:
                     dp, mp = self.head.patch(patch_feats[0].flatten(0, -2), batch["dense_patch_cls"],
@@ -649,7 +672,7 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
     if model.generation != generation:
         raise ValueError(f"init model is generation {model.generation}, asked for {generation}")
     tok = tiny.load_tokenizer(generation, tok_dir)
-    head = DenseHead.for_model(model) if stage.dense else None
+    head = DenseHead.for_model(model, count=stage.count_weight > 0) if stage.dense else None
     load_head(head, init, HEAD_FILE)
     position_head = None
     if stage.position_weight > 0:
@@ -768,7 +791,7 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
                "grad_norm": float(gnorm), "samples_per_s": round(sps, 2)}
         row.update({k: float(v) for k, v in metrics.items()})
         log.append(row)
-        extra = "".join(f" | {k} {float(v):.3f}" for k, v in metrics.items() if k in ("dense_acc", "obj_acc", "kind_acc", "letter_acc", "patch_obj_acc", "reward_acc", "margin", "pos_mse", "box_mse"))
+        extra = "".join(f" | {k} {float(v):.3f}" for k, v in metrics.items() if k in SHOWN_METRICS)
         progress.update(step + 1, (step + 1) * per_step, sps, float(loss), row["lr"], extra, force=step + 1 == end)
         if now - t_window > 30:
             t_window, n_window = now, 0

@@ -67,6 +67,9 @@ class Stage:
     # gens; qvl.train.loop.AnswerBoxHead says why); the recipe's --answer-loss sets it
     answer_weight: float = 0.0
     answer_layer: int = 5
+    # weight of the dense head's per-token count target (every vision token: how many shapes its image holds,
+    # of each colour, of each kind; qvl.train.loop.DenseHead says why); the recipe's --count-target sets it
+    count_weight: float = 0.0
     gen1_image_size: int | None = None  # Qwen-VL's fixed input size for this stage (None = the model's)
     lr: float = 1e-3
     vision_lr_scale: float = 1.0  # the notes: "a higher learning rate for the vision side" is a lever
