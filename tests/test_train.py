@@ -210,7 +210,7 @@ def test_count_targets_repeat_each_images_counts_on_its_tokens(tok_dir):
     tok = tiny.load_tokenizer("2.5", tok_dir)
     model = tiny.new_model("2.5", tok)
     samples = list(itertools.islice(iterate("2.5", mix={"count": 1.0}), 2))
-    b = Collator("2.5", tok, model.config, loss="text", dense=True)(samples)
+    b = Collator("2.5", tok, model.config, loss="text", dense=True, counts=True)(samples)
     n0 = int(b["vision"]["image_grid_thw"][0].prod()) // 4
     assert b["dense_count"].shape == (len(b["dense_cls"]), N_COUNTS)
     for rows, s in ((b["dense_count"][:n0], samples[0]), (b["dense_count"][n0:], samples[1])):

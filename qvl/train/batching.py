@@ -69,12 +69,13 @@ class Collator:
     resolution comes from each image item's own min_pixels/max_pixels (the stage's DataConfig)."""
 
     def __init__(self, generation: str, tokenizer, config, loss: str = "text", dense: bool = False,
-                 gen1_image_size: int | None = None, weighting: str = "token", boxes: bool = False):
+                 gen1_image_size: int | None = None, weighting: str = "token", boxes: bool = False,
+                 counts: bool = False):
         if loss not in ("text", "assistant"):
             raise ValueError(f"loss must be 'text' or 'assistant', got {loss!r}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        self.weighting, self.boxes = weighting, boxes
+        self.weighting, self.boxes, self.counts = weighting, boxes, counts
         self.generation, self.tokenizer, self.loss, self.dense = str(generation), tokenizer, loss, dense
         if self.generation == "1" and gen1_image_size:
             config = replace(config, vision=replace(config.vision, image_size=gen1_image_size))
@@ -235,7 +236,8 @@ class Collator:
             return {}
         classes = [shape_classes(sc) for sc in scenes]
         out = stack_dense(parts, classes)
-        out["dense_count"] = torch.cat([scene_counts(sc).expand(len(p[0]), -1) for sc, p in zip(scenes, parts)])
+        if self.counts:  # only a stage with Stage.count_weight reads them
+            out["dense_count"] = torch.cat([scene_counts(sc).expand(len(p[0]), -1) for sc, p in zip(scenes, parts)])
         if self.generation == "1":  # also per ViT patch: the resampler's queries start out non-spatial
             side = self.config.vision.image_size // self.config.vision.patch_size
             out.update(stack_dense([dense_targets(sc, (side, side)) for sc in scenes], classes, "dense_patch_"))

@@ -223,11 +223,11 @@ def load_head(head: nn.Module | None, init, name: str) -> None:
     if head is not None and file is not None and file.exists():
         from safetensors.torch import load_file
 
-        state = load_file(str(file))
-        # the count read-out (Stage.count_weight) may start at this stage, or be left behind by it
-        own = head.state_dict()
-        state = {k: v for k, v in state.items() if not k.startswith("count.") or k in own}
-        head.load_state_dict({**{k: v for k, v in own.items() if k.startswith("count.")}, **state})
+        missing, unexpected = head.load_state_dict(load_file(str(file)), strict=False)
+        # only the count read-out (Stage.count_weight) may start at this stage or be left behind by it
+        wrong = [k for k in missing + unexpected if not k.startswith("count.")]
+        if wrong:
+            raise RuntimeError(f"{file}: does not fit the {type(head).__name__}: {', '.join(wrong)}")
 
 
 def vision_module(model: nn.Module) -> nn.Module:
@@ -738,7 +738,7 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
     collator = Collator(generation, tok, model.config, loss="assistant" if stage.loss == "dpo" else
                         ("text" if stage.loss == "dense" else stage.loss), dense=stage.dense,
                         gen1_image_size=stage.gen1_image_size, weighting=stage.weighting,
-                        boxes=answer_head is not None)
+                        boxes=answer_head is not None, counts=stage.count_weight > 0)
     if workers is None:
         workers = 4 if dev.type == "cuda" else 1
     data = StageData(stage, generation, collator, B, start, total, d.rank, d.world, records, bucket)
