@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qvl.data import iterate
+from qvl.data import tasks as T
 from qvl.train import stages as S
 from qvl.train import tiny
 from qvl.train.batching import IGNORE, Collator
@@ -308,6 +309,19 @@ def test_repeat_drills_copy_the_description_and_shares_add_up():
     assert 0.1 * n_scene <= sum(d.task == "relist" for d in tasks) <= 0.45 * n_scene
 
 
+def test_count_phase_asks_how_many_two_in_three_and_replays_the_rest():
+    """The count phase (--count-samples) is stage 2's set-up with count 12 of 18.5 in the mix: gens 2 / 2.5 draw
+    "how many" with probability 12 / 18.5, gen 1 (no video) 12 / 17.5; every other image task is replayed."""
+    stage = S.get("count")
+    assert (stage.train, stage.lr, stage.dense_weight) == (S.get("stage2").train, S.get("stage2").lr, 0.2)
+    for g, total in (("2.5", 18.5), ("1", 17.5)):
+        w = T.task_weights(g, stage.mix)
+        assert w["count"] == pytest.approx(12 / total)
+        assert set(T.IMAGE_TASKS) <= set(w) and min(w.values()) > 0
+    tasks = [S.sample_at(stage, "1", i).task for i in range(40)]
+    assert tasks.count("count") > 20 and not set(tasks) & set(T.VIDEO_TASKS)
+
+
 # --------------------------------------------------------------------------------------------------
 # The trainer: checkpoints, resume, official layout
 # --------------------------------------------------------------------------------------------------
@@ -562,17 +576,20 @@ def test_recipe_chains_text_phases_from_a_fresh_decoder_and_joins_them_at_stage1
     work2 = tmp_path / "work2"
     shutil.copytree(tok_dir, work2 / "tokenizer")
     R.run_recipe("2.5", tmp_path / "out2", work2, scale=0.001, eval_n=1, dpo_eval_n=0, probe_n=0,
-                 budgets={"ground": 16_000, "lm-word": 6_400, "when": 9_600})
+                 budgets={"ground": 16_000, "lm-word": 6_400, "when": 9_600, "count": 4_800})
     started = {name: (init, samples) for g, name, init, samples in calls}
     assert started["ground"] == (work2 / "gen2.5" / "stage2", 16)
-    assert started["when"] == (work2 / "gen2.5" / "ground", 9)  # after ground, before stage 3
+    assert started["when"] == (work2 / "gen2.5" / "ground", 9)  # after ground
+    assert started["count"] == (work2 / "gen2.5" / "when", 4)  # after when, before stage 3
     # asked for, lm-word sits between lm-box and lm-pretrain
     assert started["lm-word"] == (work2 / "gen2.5" / "lm-box", 6)
     assert started["lm-pretrain"][0] == work2 / "gen2.5" / "lm-word"
-    assert started["stage3"][0] == work2 / "gen2.5" / "when"
-    calls.clear()  # gen 1 has no video input: it skips the when phase even when asked for
-    R.run_recipe("1", tmp_path / "out2", work2, scale=0.001, eval_n=1, dpo_eval_n=0, probe_n=0, budgets={"when": 9_600})
-    assert [n for g, n, _, _ in calls if n in ("stage2", "when", "stage3")] == ["stage2", "stage3"]
+    assert started["stage3"][0] == work2 / "gen2.5" / "count"
+    calls.clear()  # gen 1 has no video input: it skips the when phase even when asked for, not the count phase
+    R.run_recipe("1", tmp_path / "out2", work2, scale=0.001, eval_n=1, dpo_eval_n=0, probe_n=0,
+                 budgets={"when": 9_600, "count": 4_800})
+    assert [n for g, n, _, _ in calls if n in ("stage2", "when", "count", "stage3")] == ["stage2", "count", "stage3"]
+    assert [init for g, n, init, _ in calls if n == "count"] == [work2 / "gen1" / "stage2"]
     assert json.loads((work2 / "gen1" / "report.json").read_text())["stages"]["when"] == {
         "skipped": "no video input in gen 1"}
 
@@ -682,6 +699,8 @@ def test_word_phase_drills_copy_the_one_quoted_word_and_the_flag_sets_its_budget
     assert seen == {"2.5": {"lm-word": 25600}, "2": {"ground": 7, "lm-word": 100}, "1": None}
     R.recipe_main(["--generation", "2.5", "--out", "/nonexistent/out", "--when-samples", "9600"])
     assert seen["2.5"] == {"when": 9600}
+    R.recipe_main(["--generation", "1", "--out", "/nonexistent/out", "--count-samples", "4800"])
+    assert seen["1"] == {"count": 4800}
 
 
 def test_recipe_rejects_malformed_variant_flags_in_one_line():
@@ -699,6 +718,7 @@ def test_recipe_rejects_malformed_variant_flags_in_one_line():
                               ("--ground-samples", "-5", "--ground-samples must be >= 0"),
                               ("--word-samples", "-1", "--word-samples must be >= 0"),
                               ("--when-samples", "-3", "--when-samples must be >= 0"),
+                              ("--count-samples", "-4", "--count-samples must be >= 0"),
                               ("--count-target", "-1", "--count-target must be >= 0")):
         out = subprocess.run([sys.executable, "-m", "qvl.train", "recipe", flag, value], capture_output=True, text=True)
         assert out.returncode == 2 and "Traceback" not in out.stderr
@@ -903,9 +923,9 @@ def test_answer_loss_refuses_dpo_and_a_missing_layer(tok_dir, tmp_path):
 
 
 def test_recipe_flags_put_each_loss_in_its_stages(monkeypatch):
-    """--position-loss: stage 2, ground, when, stage 3 of gens 2 / 2.5 (gen 1 has no M-RoPE grid); --answer-loss:
-    ground, when and stage 3 of every generation (gen 1 skips the when phase); --count-target: every stage with the
-    dense vision loss, all generations; all beside any --object-curriculum."""
+    """--position-loss: stage 2, ground, when, count, stage 3 of gens 2 / 2.5 (gen 1 has no M-RoPE grid);
+    --answer-loss: ground, when and stage 3 of every generation (gen 1 skips the when phase); --count-target: every
+    stage with the dense vision loss, all generations; all beside any --object-curriculum."""
     from qvl.train import __main__ as R
 
     seen = {}
@@ -918,6 +938,7 @@ def test_recipe_flags_put_each_loss_in_its_stages(monkeypatch):
     curriculum = {"curriculum": ((0.5, {"max_objects": 1}),)}
     for g in ("2", "2.5"):
         assert seen[g] == {"vision-pretrain": cnt, "stage2": {**curriculum, **pos, **cnt},
-                           "ground": {**pos, **cnt, **ans}, "when": {**pos, **cnt, **ans}, "stage3": {**pos, **ans}}
+                           "ground": {**pos, **cnt, **ans}, "when": {**pos, **cnt, **ans}, "count": {**pos, **cnt},
+                           "stage3": {**pos, **ans}}
     assert seen["1"] == {"vision-pretrain": cnt, "stage2": {**curriculum, **cnt}, "ground": {**cnt, **ans},
-                         "when": {**cnt, **ans}, "stage3": ans}
+                         "when": {**cnt, **ans}, "count": cnt, "stage3": ans}

@@ -249,6 +249,10 @@ def recipe_main(argv) -> int:
                     help="gens 2 / 2.5: run the when phase (stage 2's set-up, two in three questions 'when', one-shape "
                          "clips first) for N samples between stage 2 (or ground) and stage 3; 0 = skip it "
                          "(docs/training_log.md session 22)")
+    ap.add_argument("--count-samples", type=int, default=0, metavar="N",
+                    help="run the count phase (stage 2's set-up, two in three questions 'how many') for N samples "
+                         "after stage 2 (and the ground / when phases), before stage 3; 0 = skip it "
+                         "(docs/training_log.md session 26)")
     ap.add_argument("--word-samples", type=int, default=0, metavar="N",
                     help="run the lm-word text phase (copy the quoted word: one shape and one text per scene) for N "
                          "samples between lm-box and lm-pretrain; 0 = skip it (docs/training_log.md session 18)")
@@ -263,7 +267,8 @@ def recipe_main(argv) -> int:
             ap.error(f"--{flag}-loss must be >= 0, got {getattr(a, f'{flag}_loss')}")
         if not 0 <= getattr(a, f"{flag}_layer") < tiny.DECODER["layers"]:
             ap.error(f"--{flag}-layer must be in 0-{tiny.DECODER['layers'] - 1}, got {getattr(a, f'{flag}_layer')}")
-    optional = {"ground": a.ground_samples, "when": a.when_samples, "lm-word": a.word_samples}  # phase -> --*-samples
+    optional = {"ground": a.ground_samples, "when": a.when_samples, "count": a.count_samples,
+                "lm-word": a.word_samples}  # phase -> --*-samples
     for name, n in optional.items():
         if n < 0:
             ap.error(f"--{name.removeprefix('lm-')}-samples must be >= 0, got {n}")
@@ -295,10 +300,10 @@ def recipe_main(argv) -> int:
         read-out starts in the ground phase, once stage 2 has put the positions into the image tokens."""
         out = {k: dict(v) for k, v in overrides.items()}
         if a.position_loss and g != "1":
-            for s in ("stage2", "ground", "when", "stage3"):
+            for s in ("stage2", "ground", "when", "count", "stage3"):
                 out.setdefault(s, {}).update(position_weight=a.position_loss, position_layer=a.position_layer)
         if a.count_target:
-            for s in ("vision-pretrain", "stage2", "ground", "when"):
+            for s in ("vision-pretrain", "stage2", "ground", "when", "count"):
                 out.setdefault(s, {}).update(count_weight=a.count_target)
         if a.answer_loss:
             for s in ("ground", "when", "stage3"):
