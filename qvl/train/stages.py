@@ -182,9 +182,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           data=dict(max_pixels=MID_RES), seed_offset=47_000_000, batch_size=16),
     # A counting phase (qvl-tiny's): stage 2 with count questions 12 of 18.5, the other tasks replayed. After the
     # recipe the models estimate a count rather than count (gen 2.5 answers "1" to most questions whose answer is
-    # 2). From the shipped gen 2.5, 4 800 samples of this phase took count from 64.6 to 74.2 % (500 held out),
-    # colour 93.5 -> 90.0 %, shape 98.5 -> 97.0 % (200 each); answers that first list the counted shapes ("A red
-    # circle and a red star: 2.") did no better, 72.4 % (session 26). Off unless asked for (--count-samples).
+    # 2). From the shipped gen 2.5, 4 800 samples of this phase took count from 64.6 to 74.2 % (500 held out; as
+    # many of stage 2's own mix: 69.2 %), colour 93.5 -> 90.0 %, shape 98.5 -> 97.0 % (200 each). It does not
+    # teach counting a named colour or kind: those twos stay "1" (47 / 48), also with answers that list the counted
+    # shapes first or scenes that repeat colours (session 26). Off unless asked for (--count-samples).
     Stage("count", train=("vision", "adapter", "llm"), mix=COUNT_MIX, lr=3e-4, loss="assistant", dense_weight=0.2,
           data=dict(max_pixels=MID_RES), seed_offset=48_000_000, batch_size=16),
     Stage("stage3", train=("adapter", "llm"), mix=None, lr=2e-4, loss="assistant", data=dict(max_turns=3),
