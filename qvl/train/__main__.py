@@ -303,7 +303,7 @@ def recipe_main(argv) -> int:
             for s in ("stage2", "ground", "when", "count", "stage3"):
                 out.setdefault(s, {}).update(position_weight=a.position_loss, position_layer=a.position_layer)
         if a.count_target:
-            for s in ("vision-pretrain", "stage2", "ground", "when", "count"):
+            for s in (n for n in S.ORDER if S.get(n).dense):  # the count target is part of the dense loss
                 out.setdefault(s, {}).update(count_weight=a.count_target)
         if a.answer_loss:
             for s in ("ground", "when", "stage3"):
