@@ -34,7 +34,7 @@ MIX = {"ground": 0.5, "color": 0.25, "shape": 0.25}
 
 def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float = 3e-4, batch: int = 16,
         start: int = 7_000_000, log_every: int = 25, mix: dict | None = None, max_objects: int | None = None,
-        answer_aux: float = 0.0, answer_layer: int = 5) -> dict:
+        answer_aux: float = 0.0, answer_layer: int = 5, mrope_section=None, extra=None) -> dict:
     """Train and save OUT/model -> {"lm_loss", "aux_mse"[, "answer_mse"]} of the last step.
 
     `answer_aux` > 0 adds a second read-out: from decoder layer `answer_layer`'s state at the position that
@@ -50,6 +50,8 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
     torch.manual_seed(0)
     mdir = model_dir_of(init)
     model = tiny.load_model(mdir).train()
+    if mrope_section:
+        model.config.text.mrope_section = list(mrope_section)
     g = model.generation
     if g == "1":
         raise SystemExit("gen 1 has no M-RoPE grid ids (its 64 resampler tokens are one 1-D run): use gen 2 or 2.5")
@@ -58,7 +60,9 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
     model.visual.requires_grad_(False)
     head = PositionHead(model.config.text.hidden_size, layer)  # the trainer's own read-out of (row, column) / 16
     answer_head = AnswerBoxHead(model.config.text.hidden_size, answer_layer)  # the trainer's box read-out
+    extra_fn = extra(model) if extra else None
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters()) + list(answer_head.parameters())
+    params += [p for p in getattr(extra_fn, "parameters", lambda: [])()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
     cfg = S.get("stage2").data_config()
     if max_objects:
@@ -75,7 +79,8 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
             warm = min(1.0, (step + 1) / max(1, steps // 20))
             for group in opt.param_groups:  # cosine to a tenth, after a short warm-up
                 group["lr"] = lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-            b = coll([next(stream) for _ in range(batch)])
+            samples = [next(stream) for _ in range(batch)]
+            b = coll(samples)
             grabbed.clear()
             at_answer.clear()
             embeds = model.embed(b["input_ids"], **embed_kwargs(b["vision"]))
@@ -86,16 +91,19 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
             at = b.get("box_at")
             amse = (answer_head(at_answer[0][at[:, 0], at[:, 1]], b["box_k"], b["box_target"])
                     if answer_aux and at is not None and len(at) else lm * 0.0)
+            xloss, xmetrics = extra_fn(b, samples) if extra_fn else (0.0, {})
             opt.zero_grad()
-            (lm + aux * mse + answer_aux * amse).backward()
+            (lm + aux * mse + answer_aux * amse + xloss).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             last = {"lm_loss": round(lm.item(), 4), "aux_mse": round(mse.item(), 4)}
             if answer_aux:
                 last["answer_mse"] = round(amse.item(), 4)
+            last.update({k: round(float(v), 4) for k, v in xmetrics.items()})
             if step % log_every == 0 or step == steps - 1:
+                more = "".join(f" {k} {v:.4f}" for k, v in xmetrics.items())
                 print(f"step {step} lm {last['lm_loss']:.3f} aux {last['aux_mse']:.4f} "
-                      f"answer {last.get('answer_mse', 0):.4f} ({time.time() - t0:.0f} s)", flush=True)
+                      f"answer {last.get('answer_mse', 0):.4f}{more} ({time.time() - t0:.0f} s)", flush=True)
     finally:
         for h in hooks:
             h.remove()
