@@ -207,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--value", type=float, default=0.0, help="drill: weight of the value-position loss")
     ap.add_argument("--answer-layer", type=int, default=5, help="drill: layer of the box read-out at the answer")
     ap.add_argument("--mrope-section", default=None, help="drill: re-lay M-RoPE first, e.g. 8,2,22")
+    ap.add_argument("--tasks", nargs="+", default=None, help="drill: these tasks, equally weighted (default: "
+                    "decoder_position_check's grounding 50 %%, colour and shape 25 %% each)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--start", type=int, default=7_000_000, help="drill: first train seed")
     a = ap.parse_args(argv)
@@ -216,7 +218,8 @@ def main(argv=None) -> int:
     if a.train:
         section = [int(v) for v in a.mrope_section.split(",")] if a.mrope_section else None
         dp = _script("decoder_position_check")
-        print(dp.run(a.model, a.out, a.train, batch=a.batch, start=a.start, answer_aux=1.0,
+        mix = {t: 1.0 for t in a.tasks} if a.tasks else None
+        print(dp.run(a.model, a.out, a.train, batch=a.batch, start=a.start, answer_aux=1.0, mix=mix,
                      answer_layer=a.answer_layer, mrope_section=section,
                      extra=lambda m: LookupLosses(m, a.layer, a.head, a.lookup, a.value)), flush=True)
         model_dir = Path(a.out) / "model"

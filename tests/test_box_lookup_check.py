@@ -133,7 +133,7 @@ def test_drill_losses_are_minus_log_mass_and_the_value_read_out_error(micro):
 
 def test_script_drills_and_measures(micro, tmp_path, capsys):
     args = [str(micro), "--n", "12", "--layer", "1", "--head", "1", "--train", "2", "--batch", "2",
-            "--out", str(tmp_path / "drill"), "--value", "1", "--answer-layer", "1", "--mrope-section", "2,2,4"]
+            "--out", str(tmp_path / "drill"), "--value", "1", "--answer-layer", "1", "--mrope-section", "2,2,4", "--tasks", "ground"]
     assert bl.main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["questions"] >= 1 and out["head"] == 1
