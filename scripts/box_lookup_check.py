@@ -116,7 +116,8 @@ def box_rows(model: nn.Module, batch: dict, samples):
 
 
 class LookupLosses(nn.Module):
-    """The drill's two terms for layer `layer`'s head `head` (see the module docstring)."""
+    """The drill's two terms for layer `layer`'s head `head` (see the module docstring). Its `mass` metric is
+    exp(-lookup): the geometric mean of the head's mass on the named object over the batch's box-number states."""
 
     def __init__(self, model: nn.Module, layer: int, head: int, lookup: float, value: float):
         super().__init__()
