@@ -127,17 +127,17 @@ class LookupLosses(nn.Module):
 
     def forward(self, batch: dict, samples):
         model, inp = self.model[0], self.inputs
-        looks, values, targets = [], [], []
+        looks = []
         for row, queries, idx, rc, named, _ in box_rows(model, batch, samples):
             logp = head_log_attention(inp.attn, inp.x[row], inp.cos[row], inp.sin[row], queries, self.head)
             looks.append(-logp[:, idx[named]].logsumexp(1))  # -log(mass on the named object)
         img = batch["input_ids"] == model.config.image_token_id
-        if img.any():
-            values = head_values(inp.attn, inp.x[img], self.head)
-            targets = image_token_rc(batch["input_ids"], batch["positions"], model.config.image_token_id)
         zero = self.read.weight.sum() * 0.0
         look = torch.cat(looks).mean() if looks else zero
-        value = nn.functional.mse_loss(self.read(values), targets.float() / 16.0) if img.any() else zero
+        value = zero
+        if img.any():
+            rc = image_token_rc(batch["input_ids"], batch["positions"], model.config.image_token_id)
+            value = nn.functional.mse_loss(self.read(head_values(inp.attn, inp.x[img], self.head)), rc.float() / 16.0)
         return self.lookup * look + self.value * value, {"lookup": look.detach(), "mass": (-look).exp().detach(),
                                                           "value_mse": value.detach()}
 
@@ -167,9 +167,10 @@ def measure(model_dir, n: int = 200, layer: int = 3, head: int = 0, batch_size: 
         model(model.embed(batch["input_ids"], **embed_kwargs(batch["vision"])), batch["positions"])
         for row, queries, idx, rc, named, (rows, cols) in box_rows(model, batch, part):
             x, cos, sin = inp.x[row], inp.cos[row], inp.sin[row]
+            values = head_values(inp.attn, x[:int(queries.max()) + 1], head)  # the image comes before the answer
             tok_x.append(x[idx])
             tok_rc.append(rc)
-            tok_v.append(head_values(inp.attn, x[idx], head))
+            tok_v.append(values[idx])
             box, scene = part[row].qas[0].truth["box"], part[row].scene
             # the object's centre in token units: token (r, c) covers [c, c + 1) / cols of the width
             centre.append([(box[1] + box[3]) / 2 / scene.height * rows - 0.5,
@@ -180,7 +181,7 @@ def measure(model_dir, n: int = 200, layer: int = 3, head: int = 0, batch_size: 
                 if h == head:
                     w = p[0, idx]  # the x1-writing state's weights on the image tokens
                     attended.append((w[:, None] * rc.float()).sum(0) / w.sum())
-                    fetched.append(p[0] @ head_values(inp.attn, x[:p.shape[1]], head))
+                    fetched.append(p[0] @ values)
     if not centre:
         raise SystemExit("no held-out grounding question with one box and two or more objects")
     tok_x, tok_rc = torch.cat(tok_x).numpy(), torch.cat(tok_rc).float().numpy()

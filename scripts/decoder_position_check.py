@@ -62,7 +62,8 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
     answer_head = AnswerBoxHead(model.config.text.hidden_size, answer_layer)  # the trainer's box read-out
     extra_fn = extra(model) if extra else None
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters()) + list(answer_head.parameters())
-    params += [p for p in getattr(extra_fn, "parameters", lambda: [])()]
+    if isinstance(extra_fn, torch.nn.Module):  # a loss with heads of its own trains them too
+        params += list(extra_fn.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
     cfg = S.get("stage2").data_config()
     if max_objects:
