@@ -21,26 +21,58 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from qvl.train.batching import IGNORE
 from qvl.train.loop import AnswerBoxHead, PositionHead, image_token_rc
 
 MIX = {"ground": 0.5, "color": 0.25, "shape": 0.25}
+BBOX = re.compile(r'("bbox_2d": \[)(\d+), (\d+), (\d+), (\d+)(\])')
+
+
+def snap_boxes(sample, step: int):
+    """The sample with every gen-2.5 box in its answers grown outward to multiples of `step` pixels of the
+    resized image (28: the merged-token grid), so that each number is a function of which tokens the object
+    covers -- as in mrope_column_check.py --answer digits, where the digits are learnt (session 8)."""
+    def snap(m):
+        x1, y1, x2, y2 = (int(v) for v in m.groups()[1:5])
+        return (f"{m[1]}{x1 // step * step}, {y1 // step * step}, {-(-x2 // step) * step}, "
+                f"{-(-y2 // step) * step}{m[6]}")
+
+    for message in sample.messages:
+        if message["role"] == "assistant":
+            message["content"] = BBOX.sub(snap, message["content"])
+    return sample
+
+
+def first_digit_weights(labels: torch.Tensor, box_at: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """[B, T] LM loss weights: 1 at every labelled position, `weight` at the states that write a box number's
+    first digit (the Collator's `box_at`)."""
+    weights = (labels != IGNORE).float()
+    if box_at is not None and len(box_at):
+        weights[box_at[:, 0], box_at[:, 1]] = weight
+    return weights
 
 
 def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float = 3e-4, batch: int = 16,
         start: int = 7_000_000, log_every: int = 25, mix: dict | None = None, max_objects: int | None = None,
-        answer_aux: float = 0.0, answer_layer: int = 5, mrope_section=None, extra=None) -> dict:
+        answer_aux: float = 0.0, answer_layer: int = 5, mrope_section=None, extra=None,
+        digit_weight: float = 1.0, coarse: int = 0) -> dict:
     """Train and save OUT/model -> {"lm_loss", "aux_mse"[, "answer_mse"]} of the last step.
 
     `answer_aux` > 0 adds a second read-out: from decoder layer `answer_layer`'s state at the position that
     writes each box number's first digit, that number as a fraction of the image side (gen 2: / 1000) -- it
     asks the answer to fetch the named shape's position, which the image tokens hold but the answer's states
-    did not (position_probe.py --skip tokens,boxes: R² <= 0.1; docs/training_log.md session 15)."""
+    did not (position_probe.py --skip tokens,boxes: R² <= 0.1; docs/training_log.md session 15).
+
+    `digit_weight` != 1 weighs the LM loss at the states that write each box number's first digit by that much
+    (the other answer tokens by 1): the first digit says the number's length and its leading digit at once.
+    `coarse` > 0 (gen 2.5) trains on boxes grown to multiples of that many pixels (`snap_boxes`)."""
     from qvl.data import tasks as T
     from qvl.train import stages as S
     from qvl.train import tiny
@@ -56,7 +88,7 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
     if g == "1":
         raise SystemExit("gen 1 has no M-RoPE grid ids (its 64 resampler tokens are one 1-D run): use gen 2 or 2.5")
     tok = tiny.load_tokenizer(g, mdir)
-    coll = Collator(g, tok, model.config, loss="assistant", boxes=bool(answer_aux))
+    coll = Collator(g, tok, model.config, loss="assistant", boxes=bool(answer_aux) or digit_weight != 1)
     model.visual.requires_grad_(False)
     head = PositionHead(model.config.text.hidden_size, layer)  # the trainer's own read-out of (row, column) / 16
     answer_head = AnswerBoxHead(model.config.text.hidden_size, answer_layer)  # the trainer's box read-out
@@ -81,15 +113,18 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
             for group in opt.param_groups:  # cosine to a tenth, after a short warm-up
                 group["lr"] = lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
             samples = [next(stream) for _ in range(batch)]
+            if coarse:
+                samples = [snap_boxes(x, coarse) for x in samples]
             b = coll(samples)
             grabbed.clear()
             at_answer.clear()
             embeds = model.embed(b["input_ids"], **embed_kwargs(b["vision"]))
-            lm = labelled_lm_loss(model, embeds, b["positions"], b["labels"])
+            at = b.get("box_at")
+            weights = first_digit_weights(b["labels"], at, digit_weight) if digit_weight != 1 else None
+            lm = labelled_lm_loss(model, embeds, b["positions"], b["labels"], weights)
             rc = image_token_rc(b["input_ids"], b["positions"], model.config.image_token_id)
             img = b["input_ids"] == model.config.image_token_id
             mse = head(grabbed[0][img], rc) if len(rc) else lm * 0.0
-            at = b.get("box_at")
             amse = (answer_head(at_answer[0][at[:, 0], at[:, 1]], b["box_k"], b["box_target"])
                     if answer_aux and at is not None and len(at) else lm * 0.0)
             xloss, xmetrics = extra_fn(b, samples) if extra_fn else (0.0, {})
@@ -126,12 +161,17 @@ def main(argv=None) -> int:
     ap.add_argument("--start", type=int, default=7_000_000, help="first train seed (a continuation takes new scenes)")
     ap.add_argument("--answer-aux", type=float, default=0.0, help="weight of the box read-out at the answer's digits")
     ap.add_argument("--answer-layer", type=int, default=5, help="decoder layer whose answer states predict the box")
+    ap.add_argument("--digit-weight", type=float, default=1.0, help="LM loss weight of each box number's first digit")
+    ap.add_argument("--coarse", type=int, default=0, help="gen 2.5: train on boxes grown to multiples of N px")
+    ap.add_argument("--mrope-section", default=None, help="T,H,W rotary pairs per M-RoPE axis (e.g. 8,2,22)")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.batch < 1 or a.aux < 0:
         ap.error("--steps and --batch must be >= 1 and --aux >= 0")
     mix = {t: 1.0 for t in a.tasks} if a.tasks else None
     print(run(a.init, a.out, a.steps, a.aux, a.layer, a.lr, a.batch, mix=mix, max_objects=a.max_objects,
-              start=a.start, answer_aux=a.answer_aux, answer_layer=a.answer_layer), flush=True)
+              start=a.start, answer_aux=a.answer_aux, answer_layer=a.answer_layer, digit_weight=a.digit_weight,
+              coarse=a.coarse,
+              mrope_section=[int(x) for x in a.mrope_section.split(",")] if a.mrope_section else None), flush=True)
     return 0
 
 

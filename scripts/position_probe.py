@@ -8,28 +8,42 @@ positions, 21 for time):
           images (every 5th image). Gen 2/2.5 tokens carry no position in their content (the ViT has no
           position embedding), so anything above ~0 comes from the decoder's rotary ids.
   boxes   grounding on scenes with one shape: the error of the predicted box centre along x and y, as a
-          fraction of the image side, next to a constant guess (the mean centre); no look-up is needed.
+          fraction of the image side, next to a constant guess (the mean centre), and the boxes' mean IoU;
+          no look-up is needed.
   answer  the same one-shape grounding answers, teacher-forced: ridge probes from the hidden state at the
           position that writes x1's (y1's) first digit to the shape's x1 / width (y1 / height). If the decoder
           holds the column at its image tokens but this R² is ~0, the answer never looks the position up; if
           it is high while the boxes miss, only the read-out into digits is missing.
+  digits  the same answers, teacher-forced: how often the model's argmax writes each box number's first digit,
+          against always writing the most frequent one, and how well read-outs from each layer's state at that
+          position name the digit (logistic) or the number (ridge, and the digit of the number it predicts):
+          is the digit in the state and not read, or is the position held too coarsely to give a digit?
   time    the same two questions for video "when" (gens 2 / 2.5), teacher-forced: ridge probes from a video
           token's hidden state to its M-RoPE temporal id (none of it is in the token's content, only in the
           rotary ids), and from the state that writes the answer's first digit to the event's true second —
           beside what the question's verb and the clip's length alone predict (a least-squares fit on both).
 
     python scripts/position_probe.py assets/models/qvl-tiny-2.5
-    python scripts/position_probe.py assets/models/qvl-tiny-1 --n 60 --skip answer,time
+    python scripts/position_probe.py assets/models/qvl-tiny-1 --n 60 --skip answer,digits,time
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def ridge_r2(X: np.ndarray, y: np.ndarray, test: np.ndarray, lam: float = 1.0) -> list[float]:
@@ -89,13 +103,15 @@ def one_shape_grounding(generation: str, n: int) -> list:
 
 
 def box_errors(vlm, generation: str, n: int) -> dict:
-    """Centre errors (fraction of width / height) of one-shape grounding answers vs a constant guess."""
+    """Centre errors (fraction of width / height) of one-shape grounding answers vs a constant guess; their mean
+    IoU with the true box and the share at IoU >= 0.5 (an unparsed reply counts 0)."""
     from qvl import eval as E
     from qvl import grounding
+    from qvl.data import tasks as T
 
     samples = one_shape_grounding(generation, n)
     replies = E.vlm_reply_fn(vlm)(samples)
-    true, pred = [], []
+    true, pred, ious = [], [], []
     for reply, s in zip(replies, samples):
         t = s.truth
         (h, w), b = t["original_size"], t["box"]
@@ -104,12 +120,14 @@ def box_errors(vlm, generation: str, n: int) -> dict:
                                             resized_size=t["resized_size"]) if isinstance(x, grounding.Box)]
         p = boxes[0].xyxy if boxes else None
         pred.append(((p[0] + p[2]) / 2 / w, (p[1] + p[3]) / 2 / h) if p else (np.nan, np.nan))
-    true, pred = np.array(true), np.array(pred)
+        ious.append(T.iou(p, b) if p else 0.0)
+    true, pred, ious = np.array(true), np.array(pred), np.array(ious)
     err = np.nanmean(np.abs(pred - true), 0)
     const = np.abs(true - true.mean(0)).mean(0)
     return {"n": len(samples), "parsed": round(float(np.mean(~np.isnan(pred[:, 0]))), 3),
             "centre_error_x": round(float(err[0]), 3), "centre_error_y": round(float(err[1]), 3),
-            "constant_guess_x": round(float(const[0]), 3), "constant_guess_y": round(float(const[1]), 3)}
+            "constant_guess_x": round(float(const[0]), 3), "constant_guess_y": round(float(const[1]), 3),
+            "mean_iou": round(float(ious.mean()), 3), "iou_0.5": round(float((ious >= 0.5).mean()), 3)}
 
 
 def answer_positions(vlm, generation: str, n: int) -> dict:
@@ -143,6 +161,89 @@ def answer_positions(vlm, generation: str, n: int) -> dict:
     lam = float(len(y))  # one state per scene and as many features as scenes: a ridge this strong does not overfit
     return {str(k): [ridge_r2(np.stack(v)[:, :H], y[:, :1], test, lam)[0],
                      ridge_r2(np.stack(v)[:, H:], y[:, 1:], test, lam)[0]] for k, v in feats.items()}
+
+
+def logistic_accuracy(X: np.ndarray, y: np.ndarray, test: np.ndarray, decay: float = 1e-2) -> float:
+    """Held-out accuracy of a multinomial logistic read-out (standardised features, L2 `decay`, LBFGS) fit on
+    ~test rows."""
+    train = ~test
+    mu, sd = X[train].mean(0), X[train].std(0) + 1e-6
+    Xs = torch.tensor((X - mu) / sd, dtype=torch.float32)
+    classes = np.unique(y[train])
+    target = torch.tensor(np.searchsorted(classes, y[train]))
+    lin = torch.nn.Linear(X.shape[1], len(classes))
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(Xs[train]), target) + decay * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        pred = classes[lin(Xs[test]).argmax(1).numpy()]
+    return round(float((pred == y[test]).mean()), 3)
+
+
+def answer_digits(vlm, generation: str, n: int, coarse: int = 0) -> dict:
+    """The first digit of each box number, teacher-forced on one-shape grounding answers, at the state that
+    writes it: `lm` the model's own accuracy; `prior` always the fit half's most frequent first digit; per
+    decoder layer, `probe` a logistic read-out of the digit from that state, `ridge_r2` a ridge read-out of the
+    number / its side and `via_ridge` the first digit of the number that read-out predicts; `number_lm` the share
+    of numbers whose every digit is the model's argmax given the digits before. Every 5th scene is held out of
+    the fits. If `probe` is well above `lm`, the state says the digit and the LM head does not read it; if
+    `via_ridge` stays near `prior` while `ridge_r2` is high, the position is held too coarsely for a digit.
+    `coarse` > 0: the answers' boxes grown to that grid first (decoder_position_check.py --coarse)."""
+    from qvl.models.qwen2_vl import Capture
+    from qvl.train.batching import Collator, answer_boxes, embed_kwargs
+
+    if generation == "1":
+        raise SystemExit("digits: gen 2 / 2.5 only")
+    model = vlm.model
+    layers = list(range(len(model.model.layers)))
+    coll = Collator(generation, vlm.tokenizer, model.config, loss="assistant")
+    feats: dict = {k: [] for k in layers}
+    digit, lm_right, number_right, value, side, scene_of = [], [], [], [], [], []
+    snap = _script("decoder_position_check").snap_boxes if coarse else None
+    for j, s in enumerate(one_shape_grounding(generation, n)):
+        b = coll([snap(s, coarse) if coarse else s])
+        ids = b["input_ids"][0]
+        cap = Capture(hidden_layers=layers)
+        with torch.no_grad():
+            logits = model(model.embed(b["input_ids"], **embed_kwargs(b["vision"])), b["positions"], capture=cap)[0]
+        best = logits.argmax(-1)
+        h, w = s.truth["resized_size"] if generation == "2.5" else (1000, 1000)
+        for k, (i, v) in enumerate(answer_boxes(ids, b["labels"][0], vlm.tokenizer, generation)[0]):
+            digits = len(str(v))
+            digit.append(int(str(v)[0]))
+            lm_right.append(bool(best[i - 1] == ids[i]))  # the state that writes a token is the one before it
+            number_right.append(bool((best[i - 1:i - 1 + digits] == ids[i:i + digits]).all()))
+            value.append(v)
+            side.append(w if k % 2 == 0 else h)
+            scene_of.append(j)
+            for layer in layers:
+                feats[layer].append(cap.hidden[layer][0][0, i - 1].float().numpy())
+    y, v, sides = np.array(digit), np.array(value, dtype=float), np.array(side, dtype=float)
+    test = np.array(scene_of) % 5 == 0
+    prior = np.bincount(y[~test], minlength=10).argmax()
+    out = {"numbers": len(y), "lm": round(float(np.mean(np.array(lm_right)[test])), 3),
+           "number_lm": round(float(np.mean(np.array(number_right)[test])), 3),
+           "prior": round(float((y[test] == prior).mean()), 3), "layers": {}}
+    for layer, f in feats.items():
+        X = np.stack(f)
+        frac = (v / sides)[:, None]
+        r2 = ridge_r2(X, frac, test, float(len(y)) / 4)[0]
+        # the same ridge fit, its predictions turned back into numbers and their first digits
+        mu, sd = X[~test].mean(0), X[~test].std(0) + 1e-6
+        Xs, y0 = (X - mu) / sd, frac[~test].mean(0)
+        A = Xs[~test].T @ Xs[~test] + float(len(y)) / 4 * np.eye(X.shape[1])
+        guess = np.clip(np.rint((Xs[test] @ np.linalg.solve(A, Xs[~test].T @ (frac[~test] - y0)) + y0)[:, 0]
+                                * sides[test]), 0, None).astype(int)
+        via = np.array([int(str(g)[0]) for g in guess])
+        out["layers"][str(layer)] = {"probe": logistic_accuracy(X, y, test), "ridge_r2": r2,
+                                     "via_ridge": round(float((via == y[test]).mean()), 3)}
+    return out
 
 
 def answer_start(ids: list[int], coll) -> int:
@@ -203,7 +304,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model")
     ap.add_argument("--n", type=int, default=120, help="held-out scenes per measurement")
-    ap.add_argument("--skip", default="", help="tokens, boxes, answer and/or time")
+    ap.add_argument("--skip", default="", help="tokens, boxes, answer, digits and/or time")
+    ap.add_argument("--coarse", type=int, default=0, help="digits: teacher-force boxes grown to multiples of N px")
     a = ap.parse_args(argv)
     import qvl
 
@@ -215,6 +317,8 @@ def main(argv=None) -> int:
         out["one_shape_boxes"] = box_errors(vlm, vlm.generation, a.n)
     if "answer" not in a.skip:
         out["r2_answer_x1_y1"] = answer_positions(vlm, vlm.generation, a.n)
+    if "digits" not in a.skip:
+        out["first_digits"] = answer_digits(vlm, vlm.generation, a.n, a.coarse)
     if "time" not in a.skip:
         out["r2_time"] = answer_times(vlm, vlm.generation, a.n)
     print(json.dumps(out))
