@@ -130,17 +130,23 @@ def box_errors(vlm, generation: str, n: int) -> dict:
             "mean_iou": round(float(ious.mean()), 3), "iou_0.5": round(float((ious >= 0.5).mean()), 3)}
 
 
+def _teacher_forcing(vlm, generation: str, what: str):
+    """(decoder, its layer indices, an assistant-loss Collator, {layer: []}) for the teacher-forced answer probes."""
+    from qvl.train.batching import Collator
+
+    if generation == "1":
+        raise SystemExit(f"{what}: gen 2 / 2.5 only")
+    model = vlm.model
+    layers = list(range(len(model.model.layers)))
+    return model, layers, Collator(generation, vlm.tokenizer, model.config, loss="assistant"), {k: [] for k in layers}
+
+
 def answer_positions(vlm, generation: str, n: int) -> dict:
     """{layer: [R² x1, R² y1]} at the positions writing x1's and y1's first digit (teacher-forced)."""
     from qvl.models.qwen2_vl import Capture
-    from qvl.train.batching import Collator, answer_boxes, embed_kwargs
+    from qvl.train.batching import answer_boxes, embed_kwargs
 
-    if generation == "1":
-        raise SystemExit("answer: gen 2 / 2.5 only")
-    model = vlm.model
-    layers = list(range(len(model.model.layers)))
-    coll = Collator(generation, vlm.tokenizer, model.config, loss="assistant")
-    feats: dict = {k: [] for k in layers}
+    model, layers, coll, feats = _teacher_forcing(vlm, generation, "answer")
     targets = []
     for s in one_shape_grounding(generation, n):
         b = coll([s])
@@ -196,14 +202,9 @@ def answer_digits(vlm, generation: str, n: int, coarse: int = 0) -> dict:
     `via_ridge` stays near `prior` while `ridge_r2` is high, the position is held too coarsely for a digit.
     `coarse` > 0: the answers' boxes grown to that grid first (decoder_position_check.py --coarse)."""
     from qvl.models.qwen2_vl import Capture
-    from qvl.train.batching import Collator, answer_boxes, embed_kwargs
+    from qvl.train.batching import answer_boxes, embed_kwargs
 
-    if generation == "1":
-        raise SystemExit("digits: gen 2 / 2.5 only")
-    model = vlm.model
-    layers = list(range(len(model.model.layers)))
-    coll = Collator(generation, vlm.tokenizer, model.config, loss="assistant")
-    feats: dict = {k: [] for k in layers}
+    model, layers, coll, feats = _teacher_forcing(vlm, generation, "digits")
     digit, lm_right, number_right, value, side, scene_of = [], [], [], [], [], []
     snap = _script("decoder_position_check").snap_boxes if coarse else None
     for j, s in enumerate(one_shape_grounding(generation, n)):
