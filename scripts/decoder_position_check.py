@@ -36,9 +36,10 @@ BBOX = re.compile(r'("bbox_2d": \[)(\d+), (\d+), (\d+), (\d+)(\])')
 
 
 def snap_boxes(sample, step: int):
-    """The sample with every gen-2.5 box in its answers grown outward to multiples of `step` pixels of the
-    resized image (28: the merged-token grid), so that each number is a function of which tokens the object
-    covers -- as in mrope_column_check.py --answer digits, where the digits are learnt (session 8)."""
+    """Grows every gen-2.5 box in the sample's answers (in place; returns the sample) outward to multiples of
+    `step` pixels of the resized image (28: the merged-token grid), so that each number is a function of which
+    tokens the object covers -- as in mrope_column_check.py --answer digits, where the digits are learnt
+    (session 8)."""
     def snap(m):
         x1, y1, x2, y2 = (int(v) for v in m.groups()[1:5])
         return (f"{m[1]}{x1 // step * step}, {y1 // step * step}, {-(-x2 // step) * step}, "
