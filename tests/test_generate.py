@@ -390,7 +390,9 @@ def test_static_decode_equals_full_forward(pair, tokenizer):
         full_ids, full_mask = torch.cat([ids, cont], dim=1), torch.cat([mask, torch.ones_like(cont)], dim=1)
         full = model(model.embed(full_ids, **vision), _full_positions(model, full_ids, full_mask, vision), None, 0,
                      full_mask.bool())
-    torch.testing.assert_close(steps, full[:, T - 1:T - 1 + n], atol=1e-5, rtol=1e-4)  # logits ~10: 1e-6 relative
+    # fp32 logits up to ~10, summed in another order (a static step attends over the whole cache): up to 1.8e-5
+    # apart on this VM's CPU (2026-12); decode positions one slot off move them by ~8 (measured)
+    torch.testing.assert_close(steps, full[:, T - 1:T - 1 + n], atol=5e-5, rtol=1e-4)
 
 
 def _gen1_model(**text):
@@ -429,7 +431,9 @@ def test_static_decode_equals_full_forward_gen1():
         full_mask = torch.cat([batch.attention_mask, torch.ones_like(cont)], dim=1)
         full = model(model.embed(full_ids, batch.vision["images"]), text_position_ids(full_mask), None, 0,
                      full_mask.bool())
-    torch.testing.assert_close(steps, full[:, T - 1:T - 1 + n], atol=1e-5, rtol=1e-4)  # logits ~10: 1e-6 relative
+    # fp32 logits up to ~10, summed in another order (a static step attends over the whole cache): up to 1.8e-5
+    # apart on this VM's CPU (2026-12); decode positions one slot off move them by ~8 (measured)
+    torch.testing.assert_close(steps, full[:, T - 1:T - 1 + n], atol=5e-5, rtol=1e-4)
 
 
 def test_static_decode_keeps_prefill_ntk_and_applies_logn_gen1():
