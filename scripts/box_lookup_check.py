@@ -142,18 +142,13 @@ class LookupLosses(nn.Module):
                                                           "value_mse": value.detach()}
 
 
-def r2(pred: np.ndarray, y: np.ndarray) -> list[float]:
-    """1 - SSE / SST per column, of a prediction that was not fitted to y."""
-    return [float(v) for v in 1 - ((pred - y) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)]
-
-
 @torch.no_grad()
 def measure(model_dir, n: int = 200, layer: int = 3, head: int = 0, batch_size: int = 8) -> dict:
     """The three links on the first `n` held-out grounding questions (those with two or more objects)."""
     from qvl.data import tasks as T
     from qvl.train import tiny
 
-    ridge_r2 = _script("position_probe").ridge_r2
+    probe = _script("position_probe")  # its ridge fit and R²
     model = tiny.load_model(model_dir).eval()
     g = model.generation
     inp = Inputs(model, layer)
@@ -191,10 +186,10 @@ def measure(model_dir, n: int = 200, layer: int = 3, head: int = 0, batch_size: 
     fetched = np.c_[torch.stack(fetched).numpy(), np.ones(len(fetched))]
     centre = np.array(centre)
     return {"model": str(model_dir), "layer": layer, "head": head, "questions": len(centre),
-            "tokens_r2_row_col": [round(v, 3) for v in ridge_r2(tok_x, tok_rc, test)],
+            "tokens_r2_row_col": probe.ridge_r2(tok_x, tok_rc, test),
             "mass_on_named_per_head": [round(float(np.mean(m)), 3) for m in mass],
-            "attended_r2_row_col": [round(v, 3) for v in r2(torch.stack(attended).numpy(), centre)],
-            "value_r2_row_col": [round(v, 3) for v in r2(fetched @ value_map, centre)]}
+            "attended_r2_row_col": [round(v, 3) for v in probe.r2(torch.stack(attended).numpy(), centre)],
+            "value_r2_row_col": [round(v, 3) for v in probe.r2(fetched @ value_map, centre)]}
 
 
 def main(argv=None) -> int:

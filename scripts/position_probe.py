@@ -46,16 +46,23 @@ def _script(name: str):
     return module
 
 
-def ridge_r2(X: np.ndarray, y: np.ndarray, test: np.ndarray, lam: float = 1.0) -> list[float]:
-    """Standardised ridge regression fit on ~test rows, R² per target column on the test rows."""
+def r2(pred: np.ndarray, y: np.ndarray) -> list[float]:
+    """1 - SSE / SST per column of y [N, K]."""
+    return [float(v) for v in 1 - ((pred - y) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)]
+
+
+def ridge_predict(X: np.ndarray, y: np.ndarray, test: np.ndarray, lam: float = 1.0) -> np.ndarray:
+    """Standardised ridge regression fit on ~test rows -> its predictions [test rows, K]."""
     train = ~test
     mu, sd = X[train].mean(0), X[train].std(0) + 1e-6
     Xs, y0 = (X - mu) / sd, y[train].mean(0)  # the intercept is the train mean: not shrunk by the ridge
     A = Xs[train].T @ Xs[train] + lam * np.eye(Xs.shape[1])
-    w = np.linalg.solve(A, Xs[train].T @ (y[train] - y0))
-    resid = ((Xs[test] @ w + y0 - y[test]) ** 2).sum(0)
-    total = ((y[test] - y[test].mean(0)) ** 2).sum(0)
-    return [round(float(r), 3) for r in 1 - resid / total]
+    return Xs[test] @ np.linalg.solve(A, Xs[train].T @ (y[train] - y0)) + y0
+
+
+def ridge_r2(X: np.ndarray, y: np.ndarray, test: np.ndarray, lam: float = 1.0) -> list[float]:
+    """Standardised ridge regression fit on ~test rows, R² per target column on the test rows."""
+    return [round(v, 3) for v in r2(ridge_predict(X, y, test, lam), y[test])]
 
 
 def token_positions(vlm, generation: str, n: int, per_image: int = 48, seed: int = 0) -> dict:
@@ -231,18 +238,15 @@ def answer_digits(vlm, generation: str, n: int, coarse: int = 0) -> dict:
     out = {"numbers": len(y), "lm": round(float(np.mean(np.array(lm_right)[test])), 3),
            "number_lm": round(float(np.mean(np.array(number_right)[test])), 3),
            "prior": round(float((y[test] == prior).mean()), 3), "layers": {}}
+    frac = (v / sides)[:, None]
     for layer, f in feats.items():
         X = np.stack(f)
-        frac = (v / sides)[:, None]
-        r2 = ridge_r2(X, frac, test, float(len(y)) / 4)[0]
-        # the same ridge fit, its predictions turned back into numbers and their first digits
-        mu, sd = X[~test].mean(0), X[~test].std(0) + 1e-6
-        Xs, y0 = (X - mu) / sd, frac[~test].mean(0)
-        A = Xs[~test].T @ Xs[~test] + float(len(y)) / 4 * np.eye(X.shape[1])
-        guess = np.clip(np.rint((Xs[test] @ np.linalg.solve(A, Xs[~test].T @ (frac[~test] - y0)) + y0)[:, 0]
-                                * sides[test]), 0, None).astype(int)
+        pred = ridge_predict(X, frac, test, float(len(y)) / 4)
+        # the predicted fractions turned back into numbers, and their first digits
+        guess = np.clip(np.rint(pred[:, 0] * sides[test]), 0, None).astype(int)
         via = np.array([int(str(g)[0]) for g in guess])
-        out["layers"][str(layer)] = {"probe": logistic_accuracy(X, y, test), "ridge_r2": r2,
+        out["layers"][str(layer)] = {"probe": logistic_accuracy(X, y, test),
+                                     "ridge_r2": round(r2(pred, frac[test])[0], 3),
                                      "via_ridge": round(float((via == y[test]).mean()), 3)}
     return out
 
