@@ -703,6 +703,37 @@ def test_word_phase_drills_copy_the_one_quoted_word_and_the_flag_sets_its_budget
     assert seen["1"] == {"count": 4800}
 
 
+def test_set_changes_the_stage_that_trains_and_rejects_bad_fields_in_one_line(monkeypatch):
+    """`python -m qvl.train ... --set FIELD=VALUE`: the stage handed to the trainer differs from the named one in
+    exactly the fields set, typed like them; an unknown field, a bad value or a negative number is one line."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    from qvl.train import __main__ as R
+    from qvl.train import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "train", lambda stage, *a, **k: seen.append(stage) or {})
+    R.stage_main(["--generation", "2.5", "--stage", "ground", "--samples", "16", "--out", "/nonexistent/out",
+                  "--init", "/nonexistent/model", "--quiet", "--set", "lr=1e-3", "--set", "train=adapter,llm",
+                  "--set", "mix=ground:2,color:0.5", "--set", "answer_layer=4"])
+    changed = {k: v for k, v in asdict(seen[0]).items() if v != asdict(S.get("ground"))[k]}
+    assert changed == {"lr": 1e-3, "train": ("adapter", "llm"), "mix": {"ground": 2.0, "color": 0.5}, "answer_layer": 4}
+    assert type(changed["answer_layer"]) is int
+    for value, says in (("foo=1", "expected FIELD=VALUE with FIELD one of train, mix, answer_layer"),
+                        ("lr", "expected FIELD=VALUE"), ("loss=dpo", "expected FIELD=VALUE"),
+                        ("lr=fast", "'lr=fast': could not convert"), ("lr=-1", "'lr=-1': must be >= 0"),
+                        ("answer_layer=1.5", "'answer_layer=1.5': invalid literal for int()"),
+                        ("train=vit", "unknown part(s) vit"), ("mix=ground", "expected task:weight items"),
+                        ("mix=boxes:1", "unknown task(s) boxes")):
+        out = subprocess.run([sys.executable, "-m", "qvl.train", "--generation", "2.5", "--stage", "ground",
+                              "--samples", "16", "--out", "/nonexistent/out", "--set", value],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert says in out.stderr.strip().splitlines()[-1], (value, out.stderr)
+
+
 def test_recipe_rejects_malformed_variant_flags_in_one_line():
     import subprocess
     import sys

@@ -1,6 +1,7 @@
 """`python -m qvl.train ...`: one stage, or the whole recipe.
 
     python -m qvl.train --generation 2.5 --stage stage2 --samples 20000 --out runs/s2 --init runs/s1 [--resume]
+    python -m qvl.train --generation 2.5 --stage ground ... --set lr=1e-3 --set answer_weight=1   # a variant
     python -m qvl.train recipe --generation all --out assets/models [--work runs/recipe] [--scale 0.1]
     torchrun --nproc_per_node 2 -m qvl.train ...            # DDP (gloo on CPU, nccl on CUDA); --fsdp to shard
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
 
 from qvl.train import stages as S
@@ -29,6 +31,37 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quiet", action="store_true")
 
 
+def parse_set(stage: S.Stage, text: str) -> tuple[str, object]:
+    """'FIELD=VALUE' -> (field, value) for a field of `stage` that is a number, the parts to train
+    (comma-separated) or the task mix (task:weight, comma-separated). Raises ValueError in one line."""
+    numeric = {f.name: type(getattr(stage, f.name)) for f in fields(S.Stage)
+               if type(getattr(stage, f.name)) in (int, float)}
+    numeric["gen1_image_size"] = int  # None = the model's own size
+    name, eq, value = text.partition("=")
+    if not eq or name not in {*numeric, "train", "mix"}:
+        raise ValueError(f"expected FIELD=VALUE with FIELD one of train, mix, {', '.join(sorted(numeric))}; "
+                         f"got {text!r}")
+    try:
+        if name == "mix":
+            if not all(item.count(":") == 1 for item in value.split(",")):
+                raise ValueError("expected task:weight items, comma-separated")
+            mix = {task: float(w) for task, w in (item.split(":") for item in value.split(","))}
+            if unknown := set(mix) - set(S.T.TASKS):
+                raise ValueError(f"unknown task(s) {', '.join(sorted(unknown))}")
+            return name, mix
+        if name == "train":
+            parts = tuple(value.split(","))
+            if unknown := set(parts) - {"vision", "adapter", "llm"}:
+                raise ValueError(f"unknown part(s) {', '.join(sorted(unknown))} (vision, adapter, llm)")
+            return name, parts
+        number = numeric[name](value)
+        if number < 0:
+            raise ValueError("must be >= 0")
+        return name, number
+    except ValueError as e:
+        raise ValueError(f"{text!r}: {e}") from None
+
+
 def stage_main(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m qvl.train", description="Train one stage of qvl-tiny.")
     ap.add_argument("--generation", required=True, choices=["1", "2", "2.5"])
@@ -41,10 +74,18 @@ def stage_main(argv) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="change one field of the stage (qvl.train.stages.Stage), e.g. answer_weight=1, "
+                         "train=adapter,llm, mix=ground:2,color:1; repeatable")
     _common(ap)
     a = ap.parse_args(argv)
     if a.stage == "when" and a.generation == "1":
         ap.error("the when phase trains video timing; gen 1 (Qwen-VL) has no video input")
+    stage = S.get(a.stage)
+    try:
+        stage = replace(stage, **dict(parse_set(stage, text) for text in a.set))
+    except ValueError as e:
+        ap.error(f"--set: {e}")
     from qvl.train import tiny
     from qvl.train.dpo import read_jsonl
     from qvl.train.loop import train
@@ -53,7 +94,7 @@ def stage_main(argv) -> int:
     if a.init is None:
         tokenizer = str(tiny.build_tokenizers(tokenizer or Path(a.out) / "tokenizer"))
     records = read_jsonl(a.records) if a.records else None
-    summary = train(a.stage, a.generation, a.out, a.samples, init=a.init, tokenizer=tokenizer, resume=a.resume,
+    summary = train(stage, a.generation, a.out, a.samples, init=a.init, tokenizer=tokenizer, resume=a.resume,
                     device=a.device, batch_size=a.batch_size, lr=a.lr, workers=a.workers, seed=a.seed,
                     fsdp=a.fsdp, stop_after=a.stop_after, records=records, quiet=a.quiet)
     if not a.quiet:
@@ -110,7 +151,6 @@ def run_recipe(generation: str, out: Path, work: Path, scale: float = 1.0, devic
     `decoder` overrides tiny.DECODER for the fresh model; `stage_overrides` = {stage name: {Stage field: value}};
     `budgets` = {stage name: samples} over stages.BUDGETS (all recorded in the report, so a variant of the recipe
     says what it changed). A stage whose budget is 0 is skipped."""
-    from dataclasses import replace
     import torch.distributed as dist
 
     from qvl import eval as E
