@@ -19,6 +19,7 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+from qvl.data.tasks import TASKS
 from qvl.train import stages as S
 
 
@@ -46,7 +47,7 @@ def parse_set(stage: S.Stage, text: str) -> tuple[str, object]:
             if not all(item.count(":") == 1 for item in value.split(",")):
                 raise ValueError("expected task:weight items, comma-separated")
             mix = {task: float(w) for task, w in (item.split(":") for item in value.split(","))}
-            if unknown := set(mix) - set(S.T.TASKS):
+            if unknown := set(mix) - set(TASKS):
                 raise ValueError(f"unknown task(s) {', '.join(sorted(unknown))}")
             return name, mix
         if name == "train":
