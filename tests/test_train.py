@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -335,6 +336,9 @@ def test_resume_reproduces_the_uninterrupted_run(tok_dir, tmp_path):
     stage = small(S.get("stage2"), batch_size=2)
     full = train(stage, "2.5", tmp_path / "full", 8, init=init, workers=0, quiet=True)
     assert full["steps"] == 4
+    # the summary names what differs from the named stage: here the test's small scenes and batch
+    saved = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert set(saved["changed"]) == {"data", "batch_size"} and saved["changed"]["batch_size"] == 2
     part = train(stage, "2.5", tmp_path / "part", 8, init=init, workers=0, quiet=True, stop_after=2)
     assert part["steps"] == 2 and not (tmp_path / "part" / "model").exists()
     train(stage, "2.5", tmp_path / "part", 8, init=init, workers=1, quiet=True, resume=True)

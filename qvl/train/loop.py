@@ -26,7 +26,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -806,6 +806,11 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
                "samples_per_s": round((step - start) * per_step / max(time.time() - t_start, 1e-9), 2),
                "final_loss": sum(r["loss"] for r in log[-20:]) / max(1, len(log[-20:])) if log else None,
                "trainable": trainable, "world": d.world}
+    named = S.STAGES.get(stage.name)  # a variant (python -m qvl.train --set, the recipe's flags) says what it changed
+    changed = {f.name: getattr(stage, f.name) for f in fields(stage)
+               if named is not None and getattr(stage, f.name) != getattr(named, f.name)}
+    if changed:
+        summary["changed"] = changed
     if d.main and step >= total:
         tiny.save_model(model, out / "model", tok_dir)
         for h, name in ((head, HEAD_FILE), (position_head, POSITION_HEAD_FILE), (answer_head, ANSWER_HEAD_FILE)):
