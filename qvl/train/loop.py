@@ -806,9 +806,10 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
                "samples_per_s": round((step - start) * per_step / max(time.time() - t_start, 1e-9), 2),
                "final_loss": sum(r["loss"] for r in log[-20:]) / max(1, len(log[-20:])) if log else None,
                "trainable": trainable, "world": d.world}
-    named = S.STAGES.get(stage.name)  # a variant (python -m qvl.train --set, the recipe's flags) says what it changed
+    # a variant (python -m qvl.train --set, the recipe's flags) says what it changed from the named stage
+    named = S.STAGES.get(stage.name, stage)
     changed = {f.name: getattr(stage, f.name) for f in fields(stage)
-               if named is not None and getattr(stage, f.name) != getattr(named, f.name)}
+               if getattr(stage, f.name) != getattr(named, f.name)}
     if changed:
         summary["changed"] = changed
     if d.main and step >= total:
