@@ -721,11 +721,19 @@ def test_set_changes_the_stage_that_trains_and_rejects_bad_fields_in_one_line(mo
     monkeypatch.setattr(loop, "train", lambda stage, *a, **k: seen.append(stage) or {})
     R.stage_main(["--generation", "2.5", "--stage", "ground", "--samples", "16", "--out", "/nonexistent/out",
                   "--init", "/nonexistent/model", "--quiet", "--set", "lr=1e-3", "--set", "train=adapter,llm",
-                  "--set", "mix=ground:2,color:0.5", "--set", "answer_layer=4"])
+                  "--set", "mix=ground:2,color:0.5", "--set", "answer_layer=4", "--set", "curriculum=0.25:1,0.5:2"])
     changed = {k: v for k, v in asdict(seen[0]).items() if v != asdict(S.get("ground"))[k]}
-    assert changed == {"lr": 1e-3, "train": ("adapter", "llm"), "mix": {"ground": 2.0, "color": 0.5}, "answer_layer": 4}
+    assert changed == {"lr": 1e-3, "train": ("adapter", "llm"), "mix": {"ground": 2.0, "color": 0.5}, "answer_layer": 4,
+                       "curriculum": ((0.25, {"max_objects": 1}), (0.5, {"max_objects": 2}))}
     assert type(changed["answer_layer"]) is int
-    for value, says in (("foo=1", "expected FIELD=VALUE with FIELD one of train, mix, answer_layer"),
+    # the curriculum set reaches the scenes (the ground stage's own keeps one shape until 3/4): one shape in the
+    # first quarter, at most two in the second, then more
+    samples = [S.sample_at(seen[0], "2.5", i, total=80) for i in range(80)]
+    objects = [len(s.scene.shapes) if s.scene else 0 for s in samples]  # clips: no scene
+    assert max(objects[:20]) == 1 and max(objects[20:40]) == 2 and max(objects[40:60]) > 2
+    for value, says in (("foo=1", "expected FIELD=VALUE with FIELD one of train, mix, curriculum, answer_layer"),
+                        ("curriculum=0.5", "expected F:N,..."), ("curriculum=0.8:1,0.5:2", "fractions must rise"),
+                        ("curriculum=0.5:0", "counts be >= 1"),
                         ("lr", "expected FIELD=VALUE"), ("loss=dpo", "expected FIELD=VALUE"),
                         ("lr=fast", "'lr=fast': could not convert"), ("lr=-1", "'lr=-1': must be >= 0"),
                         ("answer_layer=1.5", "'answer_layer=1.5': invalid literal for int()"),

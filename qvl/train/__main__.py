@@ -32,17 +32,33 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quiet", action="store_true")
 
 
+def parse_curriculum(text: str) -> tuple[tuple[float, dict], ...]:
+    """'F:N,...' -> a Stage.curriculum: the samples before fraction F of the stage draw at most N shapes per
+    scene (fractions rising, in (0, 1]; N >= 1). Raises ValueError in one line."""
+    try:
+        phases = [(float(f), int(n)) for f, n in (p.split(":") for p in text.split(","))]
+    except ValueError:
+        raise ValueError(f"expected F:N,... (e.g. 0.25:1,0.5:2), got {text!r}") from None
+    fracs = [f for f, _ in phases]
+    if not all(0 < f <= 1 for f in fracs) or fracs != sorted(set(fracs)) or min(n for _, n in phases) < 1:
+        raise ValueError(f"fractions must rise within (0, 1] and counts be >= 1, got {text!r}")
+    return tuple((f, {"max_objects": n}) for f, n in phases)
+
+
 def parse_set(stage: S.Stage, text: str) -> tuple[str, object]:
     """'FIELD=VALUE' -> (field, value) for a field of `stage` that is a number, the parts to train
-    (comma-separated) or the task mix (task:weight, comma-separated). Raises ValueError in one line."""
+    (comma-separated), the task mix (task:weight, comma-separated) or the scene curriculum (F:N, comma-separated:
+    at most N shapes before fraction F). Raises ValueError in one line."""
     numeric = {f.name: type(getattr(stage, f.name)) for f in fields(S.Stage)
                if type(getattr(stage, f.name)) in (int, float)}
     numeric["gen1_image_size"] = int  # None = the model's own size
     name, eq, value = text.partition("=")
-    if not eq or name not in {*numeric, "train", "mix"}:
-        raise ValueError(f"expected FIELD=VALUE with FIELD one of train, mix, {', '.join(sorted(numeric))}; "
-                         f"got {text!r}")
+    if not eq or name not in {*numeric, "train", "mix", "curriculum"}:
+        raise ValueError(f"expected FIELD=VALUE with FIELD one of train, mix, curriculum, "
+                         f"{', '.join(sorted(numeric))}; got {text!r}")
     try:
+        if name == "curriculum":
+            return name, parse_curriculum(value)
         if name == "mix":
             if not all(item.count(":") == 1 for item in value.split(",")):
                 raise ValueError("expected task:weight items, comma-separated")
@@ -77,7 +93,8 @@ def stage_main(argv) -> int:
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="change one field of the stage (qvl.train.stages.Stage), e.g. answer_weight=1, "
-                         "train=adapter,llm, mix=ground:2,color:1; repeatable")
+                         "train=adapter,llm, mix=ground:2,color:1, curriculum=0.75:1 (at most 1 shape for the "
+                         "first 3/4); repeatable")
     _common(ap)
     a = ap.parse_args(argv)
     if a.stage == "when" and a.generation == "1":
@@ -330,10 +347,9 @@ def recipe_main(argv) -> int:
     overrides = {}
     if a.object_curriculum:
         try:
-            phases = tuple((float(f), int(n)) for f, n in (p.split(":") for p in a.object_curriculum.split(",")))
-        except ValueError:
-            ap.error(f"--object-curriculum: expected F:N,... (e.g. 0.25:1,0.5:2), got {a.object_curriculum!r}")
-        overrides = {"stage2": {"curriculum": tuple((f, {"max_objects": n}) for f, n in phases)}}
+            overrides = {"stage2": {"curriculum": parse_curriculum(a.object_curriculum)}}
+        except ValueError as e:
+            ap.error(f"--object-curriculum: {e}")
     gens = ["2.5", "2", "1"] if a.generation == "all" else [a.generation]
 
     def for_generation(g: str) -> dict | None:
