@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -673,6 +674,26 @@ def test_a_fresh_model_takes_the_decoder_overrides(generation, tok_dir, tmp_path
     cfg = json.loads((tmp_path / "model" / "config.json").read_text())
     assert cfg["hidden_size"] == 64
     assert cfg["rotary_emb_base" if generation == "1" else "rope_theta"] == 100.0
+
+
+@pytest.mark.parametrize("omp", [None, "1"])
+def test_cpu_threads_split_between_local_ranks_unless_the_user_set_them(omp, tok_dir, tmp_path, monkeypatch):
+    # two 1-thread runs side by side need OMP_NUM_THREADS=1 to hold: overwritten with cpu_count // 1 (two runs
+    # of two threads on two cores), gen 2.5's when phase fell from 7 to 1.2 samples/s (session 31)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        train(small(S.get("lm-pretrain"), batch_size=2), "2.5", tmp_path, 1, tokenizer=tok_dir,
+              decoder=MICRO_DECODER, workers=0, quiet=True)
+        assert torch.get_num_threads() == (2 if omp is None else 3)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_word_phase_drills_copy_the_one_quoted_word_and_the_flag_sets_its_budget(monkeypatch):

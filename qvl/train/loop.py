@@ -653,7 +653,8 @@ def train(stage: str | S.Stage, generation: str, out, samples: int, *, init=None
     out = Path(out)
     d = setup_distributed(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dev = resolve_device(device, d)
-    if dev.type == "cpu":  # share the cores between local ranks; DataLoader workers mostly sleep in PIL
+    if dev.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):  # a thread count the user set is kept
+        # share the cores between local ranks; DataLoader workers mostly sleep in PIL
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", d.world))))
     torch.manual_seed(seed)
     random.seed(seed)
