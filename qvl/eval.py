@@ -8,7 +8,10 @@ Rows of the table:
   color, shape, count, refer, caption, video_direction: exact match (case and a final full stop ignored)
   ground:     mean IoU of the first box (read in the generation's own convention) and % with IoU >= 0.5
   ocr:        exact match, also split by the smallest text height (>= 14 px / < 14 px)
-  video_when: % of answers within +-0.5 s of the event
+  video_when: % of answers within +-0.5 s of the event, and whether the answered second follows the true one
+              at all: the least-squares slope of answered on true seconds (1 = reads the time, 0 = a constant)
+              and the correlation within each verb ("appear" / "disappear"), which a per-verb constant leaves
+              at 0 even where its within-0.5-s score beats the model's
 plus a cost line: vision tokens per image and milliseconds per answer (batched, this machine), and per task
 the score of the best *constant* answer (one of the set's most frequent answers, given to every question):
 what a model that ignores the image and the question gets, so a score is read against it, not against zero.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -90,6 +94,37 @@ def tasks_for(generation: str, tasks: Sequence[str] | None) -> list[str]:
     return [t for t in tasks if not (str(generation) == "1" and t in T.VIDEO_TASKS)]
 
 
+def _slope_and_r(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, float | None]:
+    """Least-squares slope of y on x and Pearson's r; None where x (or, for r, y) does not vary."""
+    try:
+        slope = statistics.linear_regression(x, y).slope
+    except statistics.StatisticsError:  # fewer than two points, or x constant
+        return None, None
+    try:
+        return slope, statistics.correlation(x, y)
+    except statistics.StatisticsError:  # y constant: a per-verb constant answer
+        return slope, None
+
+
+def timing(replies: Sequence[str], samples: Sequence[T.Sample]) -> dict:
+    """How the answered seconds of "when" questions relate to the true ones: {"answered": how many replies
+    name a number, "slope": least-squares slope of answered on true seconds, "mean_error_s": mean |answered -
+    true|, "r_<verb>": Pearson's r within the questions about that verb}. A model that answers by the
+    question's verb alone ("0.2 seconds" to every "appear") gets slope ~0 and r 0 (or None: no spread) while
+    its within-0.5-s score can beat a model that reads the clip."""
+    pairs = []  # (verb, true second, answered second)
+    for reply, s in zip(replies, samples):
+        t = T.answered_seconds(reply)
+        if t is not None:
+            pairs.append((s.truth["event"], s.truth["time"], t))
+    out = {"answered": len(pairs), "slope": _slope_and_r([p[1] for p in pairs], [p[2] for p in pairs])[0],
+           "mean_error_s": sum(abs(p[2] - p[1]) for p in pairs) / len(pairs) if pairs else None}
+    for verb in sorted({p[0] for p in pairs}):
+        sel = [p for p in pairs if p[0] == verb]
+        out[f"r_{verb}"] = _slope_and_r([p[1] for p in sel], [p[2] for p in sel])[1]
+    return out
+
+
 def evaluate(reply_fn: Callable, generation: str, tasks: Sequence[str] | None = None, n: int = 500,
              config: T.DataConfig = T.DataConfig(), keep_replies: int = 0,
              transform: Callable[[T.Sample], T.Sample] | None = None) -> dict:
@@ -110,6 +145,8 @@ def evaluate(reply_fn: Callable, generation: str, tasks: Sequence[str] | None = 
             res["sampled_fps"] = sum(s.media["fps"] for s in samples) / max(1, len(samples))
         if task == "ground":
             res["iou>=0.5"] = sum(s >= 0.5 for s in scores) / max(1, len(scores))
+        if task == "video_when":
+            res["timing"] = timing(replies, samples)
         if task == "ocr":
             for name, keep in ((f">={SMALL_TEXT_PX}px", lambda h: h >= SMALL_TEXT_PX),
                                (f"<{SMALL_TEXT_PX}px", lambda h: h < SMALL_TEXT_PX)):
@@ -142,6 +179,8 @@ def format_table(results: dict, cost: dict | None = None, title: str = "") -> st
                           f"<{SMALL_TEXT_PX}px: {_pct(r[f'<{SMALL_TEXT_PX}px'])} (n={r[f'n<{SMALL_TEXT_PX}px']})")
             if task == "video_when":
                 detail = f"within +-{T.WHEN_TOLERANCE_S} s"
+                if "timing" in r:
+                    detail += "  " + format_timing(r["timing"])
         if const and task != "ground":
             detail = (detail + "  " if detail else "") + f"constant: {json.dumps(const['answer'], ensure_ascii=False)}"
         lines.append(f"{task:<16} {r['n']:>5}  {score:>9}  {base:>9}  {detail}")
@@ -149,6 +188,14 @@ def format_table(results: dict, cost: dict | None = None, title: str = "") -> st
         lines.append(f"cost: {cost.get('vision_tokens_per_image', 0):.1f} vision tokens per image, "
                      f"{cost.get('ms_per_answer', 0):.1f} ms per answer (batched)")
     return "\n".join(lines)
+
+
+def format_timing(t: dict) -> str:
+    """"slope 0.72, r appear / disappear 0.65 / 0.66" ("-" where a value is undefined)."""
+    f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    verbs = sorted(k[2:] for k in t if k.startswith("r_"))
+    within = f", r {' / '.join(verbs)} {' / '.join(f(t['r_' + v]) for v in verbs)}" if verbs else ""
+    return f"slope {f(t['slope'])}{within}"
 
 
 def cost_of(stats: dict) -> dict:
@@ -320,7 +367,8 @@ def ablation(model_dirs: Sequence, n: int = 500, device=None, probe_n: int = PRO
             for fps in ABLATION_FPS:
                 config = replace(T.DataConfig(), video_fps=fps)
                 when = evaluate(reply, vlm.generation, ["video_when"], n, config)["video_when"]
-                row["when_at_fps"][f"{fps:g}"] = {"score": when["score"], "sampled_fps": when["sampled_fps"]}
+                row["when_at_fps"][f"{fps:g}"] = {"score": when["score"], "sampled_fps": when["sampled_fps"],
+                                                  "slope": when["timing"]["slope"]}
         row.update(text_probe=text_probe(vlm, probe_n, probe_n), vision_cost=vision_cost(vlm))
         rows.append(row)
     return rows
@@ -332,7 +380,7 @@ def format_ablation(rows: list[dict]) -> str:
     cost_cols = [f"vision {s}² (tokens / ms)" for s in COST_SIDES]
     head = ["generation", "what differs", f"OCR >= {SMALL_TEXT_PX} px", f"OCR < {SMALL_TEXT_PX} px (large canvases)",
             f"text probe >= {SMALL_TEXT_PX} px (found / letter)", f"text probe < {SMALL_TEXT_PX} px (found / letter)",
-            "ground mIoU", "IoU >= 0.5", f"video when (±{T.WHEN_TOLERANCE_S} s)",
+            "ground mIoU", "IoU >= 0.5", f"video when (±{T.WHEN_TOLERANCE_S} s; slope, r within a verb)",
             *[f"when, clips at {f:g} fps" for f in ABLATION_FPS], *cost_cols]
     differs = {"1": "fixed 224² + resampler, 0-1000 boxes, no video",
                "2": "native res, full-attention ViT, 0-1000 boxes, M-RoPE time = frame index",
@@ -347,10 +395,11 @@ def format_ablation(rows: list[dict]) -> str:
                  *[f"{_pct(probe.get('found' + k)).strip()} / {_pct(probe.get('letter' + k)).strip()} (n={probe.get('n' + k, 0)})"
                    for k in (f">={SMALL_TEXT_PX}px", big)],
                  f"{ground.get('score', 0):.3f}", _pct(ground.get("iou>=0.5")),
-                 _pct(when["score"]) if when else "no video"]
+                 f"{_pct(when['score']).strip()}, {format_timing(when['timing'])}" if when else "no video"]
         at = r.get("when_at_fps", {})
-        cells += [f"{_pct(at[f'{f:g}']['score']).strip()} ({at[f'{f:g}']['sampled_fps']:.1f} fps)"
-                  if f"{f:g}" in at else "no video" for f in ABLATION_FPS]
+        slope = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        cells += [f"{_pct(at[f'{f:g}']['score']).strip()} ({at[f'{f:g}']['sampled_fps']:.1f} fps, slope "
+                  f"{slope(at[f'{f:g}']['slope'])})" if f"{f:g}" in at else "no video" for f in ABLATION_FPS]
         cells += [f"{c['tokens']} / {c['ms']:.1f}" for c in r["vision_cost"].values()]
         lines.append("| " + " | ".join(cells) + " |")
     consts = []  # "gen 2.5: ocr 2.0 %, ground 0.039, video_when 36.5 %"

@@ -37,6 +37,28 @@ def test_wrong_answers_score_zero_and_ocr_is_split_by_height():
     assert ocr["n>=14px"] + ocr["n<14px"] == 30
 
 
+def test_timing_says_whether_the_answered_second_follows_the_true_one():
+    """slope / r against replies whose relation to the true second is known: the truth itself, an affine map
+    of it, a per-verb constant (what the shipped models did, session 21), no number at all."""
+    def ask(fn):
+        return E.evaluate(lambda ss: [fn(s.truth) for s in ss], "2.5", ["video_when"], 30)["video_when"]
+
+    oracle = ask(lambda t: f"{t['time']:.1f} seconds")
+    assert oracle["timing"]["slope"] == pytest.approx(1.0, abs=0.02) and oracle["timing"]["answered"] == 30
+    assert oracle["timing"]["mean_error_s"] <= 0.05
+    assert {k for k in oracle["timing"] if k.startswith("r_")} == {"r_appear", "r_disappear"}
+    assert all(oracle["timing"][f"r_{v}"] == pytest.approx(1.0, abs=0.01) for v in ("appear", "disappear"))
+    half = ask(lambda t: f"{0.5 * t['time'] + 1:.4f} seconds")["timing"]
+    assert half["slope"] == pytest.approx(0.5, abs=1e-3) and half["r_appear"] == pytest.approx(1.0, abs=1e-6)
+    by_verb = ask(lambda t: "0.2 seconds" if t["event"] == "appear" else "2.2 seconds")["timing"]
+    assert by_verb["r_appear"] is None and by_verb["r_disappear"] is None  # no spread within a verb
+    assert by_verb["mean_error_s"] > 0.3
+    none = ask(lambda t: "I do not know")["timing"]
+    assert none["answered"] == 0 and none["slope"] is None and none["mean_error_s"] is None
+    table = E.format_table({"video_when": oracle})
+    assert "slope 1.0" in table and "r appear / disappear 1.00 / 1.00" in table
+
+
 def test_random_model_eval_via_cli(tok_dir, tmp_path):
     model, _ = micro_model("2.5", tok_dir)
     tiny.save_model(model, tmp_path / "m", tok_dir)

@@ -433,6 +433,12 @@ def named(task: str, reply: str) -> list[str]:
     return [w for w in re.findall(r"[a-z]+", normalize(reply)) if w in ANSWER_WORDS[task]]
 
 
+def answered_seconds(reply: str) -> float | None:
+    """The first number a "when" reply names ("1.2 seconds" -> 1.2), or None."""
+    m = _NUMBER.search(reply)
+    return float(m.group()) if m else None
+
+
 def score(task: str, reply: str, truth: dict) -> float:
     """1.0 / 0.0 for exact-answer tasks (colour and shape: the reply names the right colour / kind and no other),
     and "when" (within WHEN_TOLERANCE_S); IoU in [0, 1] for grounding
@@ -442,8 +448,8 @@ def score(task: str, reply: str, truth: dict) -> float:
                                             resized_size=truth["resized_size"]) if isinstance(b, grounding.Box)]
         return iou(boxes[0].xyxy, truth["box"]) if boxes else 0.0
     if task == "video_when":
-        m = _NUMBER.search(reply)
-        return float(m is not None and abs(float(m.group()) - truth["time"]) <= WHEN_TOLERANCE_S)
+        t = answered_seconds(reply)
+        return float(t is not None and abs(t - truth["time"]) <= WHEN_TOLERANCE_S)
     if task in ANSWER_WORDS:  # "The star red." / "A red star." (or a bare word): the one colour / kind it names
         return float(named(task, reply) == [truth["answer"]])
     if task == "count":  # the one number the reply names ("2", "2.", "There are 2.")
@@ -452,5 +458,5 @@ def score(task: str, reply: str, truth: dict) -> float:
 
 
 __all__ = ["TASKS", "IMAGE_TASKS", "VIDEO_TASKS", "DEFAULT_MIX", "SPLITS", "DataConfig", "QA", "Sample",
-           "make_sample", "iterate", "eval_samples", "task_weights", "split_of", "score", "iou", "normalize",
-           "caption_text", "image_sizes", "named"]
+           "make_sample", "iterate", "eval_samples", "task_weights", "split_of", "score", "answered_seconds", "iou",
+           "normalize", "caption_text", "image_sizes", "named"]
