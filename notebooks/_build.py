@@ -937,7 +937,7 @@ A video reaches the model in four steps, all in `qvl.media` (the qwen-vl-utils 0
 
 We measure each step against the guide.
 """),
-("code", SETUP + r"""
+("code", SETUP + TRAINED_SETUP + r"""
 from qvl import media
 from qvl.config import Qwen2VLConfig
 from qvl.models import qwen2_vl
@@ -1077,6 +1077,46 @@ assert {same_second[f] for f in (0.5, 1.0, 2.0, 4.0, 8.0)} == {8}
 assert shared[2.0] == shared[4.0] == 0 and shared[8.0] > 0
 findings["2.5 time id of second 4 at any fps"] = 8
 findings["patches sharing an id at 8 fps (8 s clip)"] = shared[8.0]
+"""),
+("md", r"""
+## 5. What the trained models read from the time ids
+
+The tiny gen-2 and gen-2.5 models (`assets/models`) were trained on clips sampled at 2 fps. Ask them "when does
+the red circle appear?" on held-out clips sampled at 1, 2 and 4 fps and plot the answered second against the
+true one. A model that reads the time from the video gives a rising cloud (slope near 1); one that answers by
+the question's verb gives flat rows. Where the answer does come from the time ids, the two designs part at the
+other rates: gen 2.5's ids are seconds at every rate, so its slope should hold; gen 2's id counts frame pairs,
+so at 4 fps an id means half the time it meant in training and an answer read as in training should come out
+about twice too late (the slope doubles), at 1 fps about half. `qvl.eval.timing` computes the slope and the
+correlation within each verb (a per-verb constant has none).
+"""),
+("code", r"""
+from dataclasses import replace
+from qvl import eval as E
+from qvl.data import tasks as T
+N = 24 if FAST else 120
+gens = trained("the models' 'when' answers", ("2", "2.5"))
+if gens:
+    fig, axes = plt.subplots(1, len(gens), figsize=(5.2 * len(gens), 4.2), squeeze=False)
+    for ax, g in zip(axes[0], gens):
+        reply = E.vlm_reply_fn(tiny_model(g))
+        for fps, colour, lift in ((1.0, "tab:blue", -0.12), (2.0, "tab:green", 0.0), (4.0, "tab:red", 0.12)):
+            samples = T.eval_samples("video_when", g, N, replace(T.DataConfig(), video_fps=fps))
+            replies = reply(samples)
+            t = E.timing(replies, samples)
+            pts = [(s.truth["time"], T.answered_seconds(r)) for s, r in zip(samples, replies)]
+            pts = np.array([p for p in pts if p[1] is not None]).reshape(-1, 2)
+            # answers repeat ("2.2 seconds"): each rate on its own strand, dots spread a little
+            jitter = lift + np.random.default_rng(0).uniform(-0.03, 0.03, len(pts))
+            hits = sum(T.score("video_when", r, s.truth) for s, r in zip(samples, replies)) / N
+            slope = "-" if t["slope"] is None else f"{t['slope']:.2f}"
+            ax.scatter(pts[:, 0], pts[:, 1] + jitter, s=14, alpha=0.6, color=colour,
+                       label=f"{fps:g} fps: slope {slope}, {hits:.0%} within ±0.5 s")
+        ax.plot([0, 5], [0, 5], color="0.5", ls="--", lw=1, label="answer = truth")
+        ax.set_xlabel("true second of the event"); ax.set_ylabel("answered second")
+        ax.set_title(f"qvl-tiny-{g}: time ids = {'seconds' if g == '2.5' else 'frame-pair index'}", fontsize=10)
+        ax.legend(fontsize=7.5, loc="upper left"); ax.grid(alpha=0.3)
+    plt.tight_layout(); plt.show()
 """),
 ("md", r"""
 ## The guide says / the code shows
