@@ -9,9 +9,9 @@ Rows of the table:
   ground:     mean IoU of the first box (read in the generation's own convention) and % with IoU >= 0.5
   ocr:        exact match, also split by the smallest text height (>= 14 px / < 14 px)
   video_when: % of answers within +-0.5 s of the event, and whether the answered second follows the true one
-              at all: the least-squares slope of answered on true seconds (1 = reads the time, 0 = a constant)
-              and the correlation within each verb ("appear" / "disappear"), which a per-verb constant leaves
-              at 0 even where its within-0.5-s score beats the model's
+              at all: the least-squares slope of answered on true seconds (1 = reads the time exactly) and the
+              correlation within each verb ("appear" / "disappear"), which an answer by the verb alone cannot
+              have (none: no spread) even where its within-0.5-s score beats a model that reads the clip
 plus a cost line: vision tokens per image and milliseconds per answer (batched, this machine), and per task
 the score of the best *constant* answer (one of the set's most frequent answers, given to every question):
 what a model that ignores the image and the question gets, so a score is read against it, not against zero.
@@ -110,8 +110,9 @@ def timing(replies: Sequence[str], samples: Sequence[T.Sample]) -> dict:
     """How the answered seconds of "when" questions relate to the true ones: {"answered": how many replies
     name a number, "slope": least-squares slope of answered on true seconds, "mean_error_s": mean |answered -
     true|, "r_<verb>": Pearson's r within the questions about that verb}. A model that answers by the
-    question's verb alone ("0.2 seconds" to every "appear") gets slope ~0 and r 0 (or None: no spread) while
-    its within-0.5-s score can beat a model that reads the clip."""
+    question's verb alone ("0.2 seconds" to every "appear") keeps only the slope the verb explains ("disappear"
+    comes later: 0.28 for session 21's gen 2.5) and no r (None: no spread), while its within-0.5-s score can
+    beat a model that reads the clip."""
     pairs = []  # (verb, true second, answered second)
     for reply, s in zip(replies, samples):
         t = T.answered_seconds(reply)
