@@ -191,12 +191,15 @@ def format_table(results: dict, cost: dict | None = None, title: str = "") -> st
     return "\n".join(lines)
 
 
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def format_timing(t: dict) -> str:
     """"slope 0.72, r appear / disappear 0.65 / 0.66" ("-" where a value is undefined)."""
-    f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     verbs = sorted(k[2:] for k in t if k.startswith("r_"))
-    within = f", r {' / '.join(verbs)} {' / '.join(f(t['r_' + v]) for v in verbs)}" if verbs else ""
-    return f"slope {f(t['slope'])}{within}"
+    within = f", r {' / '.join(verbs)} {' / '.join(_num(t['r_' + v]) for v in verbs)}" if verbs else ""
+    return f"slope {_num(t['slope'])}{within}"
 
 
 def cost_of(stats: dict) -> dict:
@@ -398,9 +401,8 @@ def format_ablation(rows: list[dict]) -> str:
                  f"{ground.get('score', 0):.3f}", _pct(ground.get("iou>=0.5")),
                  f"{_pct(when['score']).strip()}, {format_timing(when['timing'])}" if when else "no video"]
         at = r.get("when_at_fps", {})
-        slope = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         cells += [f"{_pct(at[f'{f:g}']['score']).strip()} ({at[f'{f:g}']['sampled_fps']:.1f} fps, slope "
-                  f"{slope(at[f'{f:g}']['slope'])})" if f"{f:g}" in at else "no video" for f in ABLATION_FPS]
+                  f"{_num(at[f'{f:g}']['slope'])})" if f"{f:g}" in at else "no video" for f in ABLATION_FPS]
         cells += [f"{c['tokens']} / {c['ms']:.1f}" for c in r["vision_cost"].values()]
         lines.append("| " + " | ".join(cells) + " |")
     consts = []  # "gen 2.5: ocr 2.0 %, ground 0.039, video_when 36.5 %"
