@@ -574,9 +574,13 @@ def test_recipe_chains_text_phases_from_a_fresh_decoder_and_joins_them_at_stage1
     assert json.loads((work / "gen2" / "report.json").read_text())["stages"]["lm-pretrain"]["shared_from"] == str(
         g25 / "lm-pretrain")
     assert R.shared_lm("1", work) is None and R.shared_lm("2", work) == g25 / "lm-pretrain"
-    # the ground phase is off by default (budget 0): stage 3 follows stage 2; asked for, it sits between them
-    assert ("2.5", "ground") not in started and started["2.5", "stage3"] == g25 / "stage2"
-    assert ("2.5", "when") not in started  # so is the when phase
+    # the ground phase is off by default (budget 0); the when phase is on (gens 2 / 2.5): stage 2 -> when -> stage 3
+    assert ("2.5", "ground") not in started and started["2.5", "when"] == g25 / "stage2"
+    assert started["2.5", "stage3"] == g25 / "when" and started["2", "stage3"] == work / "gen2" / "when"
+    calls.clear()  # --when-samples 0 (budgets {"when": 0}) switches it off: stage 3 follows stage 2
+    shutil.copytree(tok_dir, tmp_path / "work0" / "tokenizer")
+    R.run_recipe("2.5", out, tmp_path / "work0", scale=0.001, eval_n=1, dpo_eval_n=0, probe_n=0, budgets={"when": 0})
+    assert [n for g, n, _, _ in calls if n in ("stage2", "when", "stage3")] == ["stage2", "stage3"]
     calls.clear()
     work2 = tmp_path / "work2"
     shutil.copytree(tok_dir, work2 / "tokenizer")
@@ -722,8 +726,8 @@ def test_word_phase_drills_copy_the_one_quoted_word_and_the_flag_sets_its_budget
     R.recipe_main(["--generation", "2", "--out", "/nonexistent/out", "--word-samples", "100", "--ground-samples", "7"])
     R.recipe_main(["--generation", "1", "--out", "/nonexistent/out"])
     assert seen == {"2.5": {"lm-word": 25600}, "2": {"ground": 7, "lm-word": 100}, "1": None}
-    R.recipe_main(["--generation", "2.5", "--out", "/nonexistent/out", "--when-samples", "9600"])
-    assert seen["2.5"] == {"when": 9600}
+    R.recipe_main(["--generation", "2.5", "--out", "/nonexistent/out", "--when-samples", "0"])
+    assert seen["2.5"] == {"when": 0}  # 0 reaches the recipe: it switches off a phase that is on by default
     R.recipe_main(["--generation", "1", "--out", "/nonexistent/out", "--count-samples", "4800"])
     assert seen["1"] == {"count": 4800}
 

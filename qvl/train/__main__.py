@@ -300,18 +300,18 @@ def recipe_main(argv) -> int:
                     help="weight of a per-token count target in the dense vision loss (every vision token: how many "
                          "shapes, per colour, per kind its image holds) in vision-pretrain, stage 2 and the ground / "
                          "when phases (loop.DenseHead; docs/training_log.md session 25); 0 = off")
-    ap.add_argument("--ground-samples", type=int, default=0, metavar="N",
+    ap.add_argument("--ground-samples", type=int, default=None, metavar="N",
                     help="run the ground phase (stage 2's set-up, two in three questions grounding, one-shape scenes first) for N "
                          "samples between stage 2 and stage 3; 0 = skip it (docs/training_log.md session 16)")
-    ap.add_argument("--when-samples", type=int, default=0, metavar="N",
+    ap.add_argument("--when-samples", type=int, default=None, metavar="N",
                     help="gens 2 / 2.5: run the when phase (stage 2's set-up, two in three questions 'when', one-shape "
-                         "clips first) for N samples between stage 2 (or ground) and stage 3; 0 = skip it "
-                         "(docs/training_log.md session 22)")
-    ap.add_argument("--count-samples", type=int, default=0, metavar="N",
+                         "clips first) for N samples between stage 2 (or ground) and stage 3 (default stages.BUDGETS' "
+                         "9 600); 0 = skip it (docs/training_log.md session 22)")
+    ap.add_argument("--count-samples", type=int, default=None, metavar="N",
                     help="run the count phase (stage 2's set-up, two in three questions 'how many') for N samples "
                          "after stage 2 (and the ground / when phases), before stage 3; 0 = skip it "
                          "(docs/training_log.md session 26)")
-    ap.add_argument("--word-samples", type=int, default=0, metavar="N",
+    ap.add_argument("--word-samples", type=int, default=None, metavar="N",
                     help="run the lm-word text phase (copy the quoted word: one shape and one text per scene) for N "
                          "samples between lm-box and lm-pretrain; 0 = skip it (docs/training_log.md session 18)")
     _common(ap)
@@ -328,7 +328,7 @@ def recipe_main(argv) -> int:
     optional = {"ground": a.ground_samples, "when": a.when_samples, "count": a.count_samples,
                 "lm-word": a.word_samples}  # phase -> --*-samples
     for name, n in optional.items():
-        if n < 0:
+        if n is not None and n < 0:
             ap.error(f"--{name.removeprefix('lm-')}-samples must be >= 0, got {n}")
     if a.rope_theta is not None and not a.rope_theta > 1:
         ap.error(f"--rope-theta must be > 1 (the rotary base), got {a.rope_theta}")
@@ -372,7 +372,7 @@ def recipe_main(argv) -> int:
     for g in gens:
         run_recipe(g, out, work, a.scale, a.device, a.workers, a.eval_n, dpo_eval_n=min(50, a.eval_n), seed=a.seed,
                    fsdp=a.fsdp, probe_n=min(32, a.eval_n), decoder=decoder, stage_overrides=for_generation(g),
-                   budgets={k: v for k, v in optional.items() if v} or None)
+                   budgets={k: v for k, v in optional.items() if v is not None} or None)
     return 0
 
 

@@ -202,12 +202,13 @@ ORDER = ("vision-pretrain", "lm-colour", "lm-shape", "lm-box", "lm-word", "lm-pr
 
 # Samples per stage for `python -m qvl.train recipe` (multiplied by --scale); 0 = the stage is off unless asked
 # for (`ground`: --ground-samples; session 17's 24 000 hold the ~12 000 one-shape grounding samples it needs;
-# `lm-word`: --word-samples; the copy formed within 25 600, session 18; `when`: --when-samples, session 22;
-# `count`: --count-samples, session 26).
+# `lm-word`: --word-samples; the copy formed within 25 600, session 18; `count`: --count-samples, session 26).
+# The text phases run at half the budgets of sessions 12-21: stage 2 ends where it did (session 25). The when
+# phase (gens 2 / 2.5) is on: the "when" answer reads the time from the video only after it (session 22).
 # "rejection" = questions the stage-3 model answers; "rs-sft" trains on the accepted ones (epochs over them,
 # capped by this number); "dpo" = preference pairs seen.
-BUDGETS = {"vision-pretrain": 36_000, "lm-colour": 6_400, "lm-shape": 6_400, "lm-box": 6_400, "lm-word": 0,
-           "lm-pretrain": 12_000, "stage1": 6_000, "stage2": 24_000, "ground": 0, "when": 0,
+BUDGETS = {"vision-pretrain": 36_000, "lm-colour": 3_200, "lm-shape": 3_200, "lm-box": 3_200, "lm-word": 0,
+           "lm-pretrain": 6_000, "stage1": 6_000, "stage2": 24_000, "ground": 0, "when": 9_600,
            "count": 0, "stage3": 4_000, "rejection": 1_000, "rs-sft": 2_000, "dpo": 1_000}
 
 
