@@ -1127,9 +1127,9 @@ if gens:
 ("md", r"""
 Read the rows of dots as digits. The models write a time as "2.2 seconds", one token per digit: if the dots lie
 on a staircase of whole seconds, all with the same tenth, the first digit follows the clip and the tenths digit
-is a prior (the printout shows which). That is where the shipped models stand: their tenths are one constant, their
-whole second follows the event only roughly (the rows rise, but each row spans several true seconds). The whole
-second, not the tenth, is what keeps them under ±0.5 s (README, *What has not moved yet*).
+is a prior (the printout shows which). That is where the shipped models stand: their tenths are one constant,
+their whole second follows the event only roughly (the rows rise, but each row spans several true seconds). The
+whole second, not the tenth, is what keeps them under ±0.5 s (README, *What has not moved yet*).
 """),
 ("md", r"""
 ## The guide says / the code shows
