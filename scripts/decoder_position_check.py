@@ -15,6 +15,7 @@ theta 100 the column enters the decoder from layer 1 on (R² 0.40-0.45).
 Session 15: the column was in the image tokens but the states writing a box did not hold the shape's position
 (position_probe.py's `answer` probe). `--tasks ground --max-objects 1` drills one-shape boxes; `--answer-aux W`
 adds a read-out of the box at the answer itself (the trainer's loop.AnswerBoxHead; the recipe's --answer-loss).
+Gen 1 (no M-RoPE grid) runs the box drill alone: `--aux 0`, no `--mrope-section` (session 33).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from qvl.train.batching import IGNORE
-from qvl.train.loop import AnswerBoxHead, PositionHead, image_token_rc
+from qvl.train.loop import AnswerBoxHead, PositionHead, decoder_layers, image_token_rc
 
 MIX = {"ground": 0.5, "color": 0.25, "shape": 0.25}
 BBOX = re.compile(r'("bbox_2d": \[)(\d+), (\d+), (\d+), (\d+)(\])')
@@ -86,11 +87,12 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
     if mrope_section:
         model.config.text.mrope_section = list(mrope_section)
     g = model.generation
-    if g == "1":
-        raise SystemExit("gen 1 has no M-RoPE grid ids (its 64 resampler tokens are one 1-D run): use gen 2 or 2.5")
+    if g == "1" and (aux or mrope_section):
+        # its 64 resampler tokens are one 1-D run: the box drill alone runs (--aux 0, the answer read-out)
+        raise SystemExit("gen 1 has no M-RoPE grid ids: --aux 0 and no --mrope-section")
     tok = tiny.load_tokenizer(g, mdir)
     coll = Collator(g, tok, model.config, loss="assistant", boxes=bool(answer_aux) or digit_weight != 1)
-    model.visual.requires_grad_(False)
+    (model.transformer.visual if g == "1" else model.visual).requires_grad_(False)  # ViT and adapter
     head = PositionHead(model.config.text.hidden_size, layer)  # the trainer's own read-out of (row, column) / 16
     answer_head = AnswerBoxHead(model.config.text.hidden_size, answer_layer)  # the trainer's box read-out
     extra_fn = extra(model) if extra else None
@@ -104,9 +106,10 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
     stream = T.iterate(g, "train", mix=mix or MIX, config=cfg, start=start)
     grabbed: list[torch.Tensor] = []
     at_answer: list[torch.Tensor] = []
-    hooks = [model.model.layers[i].register_forward_hook(
+    layers = decoder_layers(model)
+    hooks = [layers[i].register_forward_hook(
         lambda m, args, o, keep=keep: keep.append(o[0] if isinstance(o, tuple) else o))
-        for i, keep in ((layer, grabbed), (answer_layer, at_answer)) if keep is grabbed or answer_aux]
+        for i, keep in ((layer, grabbed), (answer_layer, at_answer)) if (aux if keep is grabbed else answer_aux)]
     t0, last = time.time(), {}
     try:
         for step in range(steps):
@@ -123,9 +126,12 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
             at = b.get("box_at")
             weights = first_digit_weights(b["labels"], at, digit_weight) if digit_weight != 1 else None
             lm = labelled_lm_loss(model, embeds, b["positions"], b["labels"], weights)
-            rc = image_token_rc(b["input_ids"], b["positions"], model.config.image_token_id)
-            img = b["input_ids"] == model.config.image_token_id
-            mse = head(grabbed[0][img], rc) if len(rc) else lm * 0.0
+            if aux:
+                rc = image_token_rc(b["input_ids"], b["positions"], model.config.image_token_id)
+                img = b["input_ids"] == model.config.image_token_id
+                mse = head(grabbed[0][img], rc) if len(rc) else lm * 0.0
+            else:
+                mse = lm * 0.0
             amse = (answer_head(at_answer[0][at[:, 0], at[:, 1]], b["box_k"], b["box_target"])
                     if answer_aux and at is not None and len(at) else lm * 0.0)
             xloss, xmetrics = extra_fn(b, samples) if extra_fn else (0.0, {})

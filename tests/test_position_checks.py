@@ -194,6 +194,25 @@ def test_decoder_position_check_trains_and_saves(tmp_path, tok_dir):  # noqa: F8
     assert (tmp_path / "out" / "model" / "config.json").is_file()
 
 
+def test_decoder_position_check_drills_gen1_boxes_with_the_vision_side_frozen(tmp_path, tok_dir):  # noqa: F811
+    """Gen 1 has no M-RoPE grid: the drill runs without the position loss (and refuses it), trains the decoder
+    and leaves the ViT and its resampler as they were."""
+    tok = tiny.load_tokenizer("1", tok_dir)
+    tiny.save_model(tiny.new_model("1", tok, decoder=MICRO_DECODER, vision=MICRO_VISION), tmp_path / "m", tok_dir)
+    with pytest.raises(SystemExit, match="gen 1"):
+        dp.run(tmp_path / "m", tmp_path / "bad", steps=1, batch=2, aux=1.0)
+    last = dp.run(tmp_path / "m", tmp_path / "out", steps=2, batch=2, aux=0.0, mix={"ground": 1.0}, max_objects=1,
+                  answer_aux=1.0, answer_layer=1)
+    assert np.isfinite(last["lm_loss"]) and last["aux_mse"] == 0 and last["answer_mse"] > 0
+    before = tiny.load_model(tmp_path / "m").state_dict()
+    after = tiny.load_model(tmp_path / "out" / "model").state_dict()
+    vision = [k for k in before if k.startswith("transformer.visual.")]
+    decoder = [k for k in before if k.startswith("transformer.h.")]
+    assert vision and decoder
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)
+
+
 # A number as the answer text writes it: digits with no letter or "_" touching them (not the 2 of "bbox_2d").
 NUMBER = r"(?<![A-Za-z_\d])\d+(?![A-Za-z_\d])"
 # Each generation's box notation, written out here: x1 y1 x2 y2 (gens 1 / 2 in 0-1000, 2.5 in resized pixels).
