@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from qvl.train.batching import IGNORE
-from qvl.train.loop import AnswerBoxHead, PositionHead, decoder_layers, image_token_rc
+from qvl.train.loop import AnswerBoxHead, PositionHead, decoder_layers, image_token_rc, vision_module
 
 MIX = {"ground": 0.5, "color": 0.25, "shape": 0.25}
 BBOX = re.compile(r'("bbox_2d": \[)(\d+), (\d+), (\d+), (\d+)(\])')
@@ -92,7 +92,7 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
         raise SystemExit("gen 1 has no M-RoPE grid ids: --aux 0 and no --mrope-section")
     tok = tiny.load_tokenizer(g, mdir)
     coll = Collator(g, tok, model.config, loss="assistant", boxes=bool(answer_aux) or digit_weight != 1)
-    (model.transformer.visual if g == "1" else model.visual).requires_grad_(False)  # ViT and adapter
+    vision_module(model).requires_grad_(False)  # ViT and adapter
     head = PositionHead(model.config.text.hidden_size, layer)  # the trainer's own read-out of (row, column) / 16
     answer_head = AnswerBoxHead(model.config.text.hidden_size, answer_layer)  # the trainer's box read-out
     extra_fn = extra(model) if extra else None
@@ -106,10 +106,9 @@ def run(init, out, steps: int = 300, aux: float = 1.0, layer: int = 1, lr: float
     stream = T.iterate(g, "train", mix=mix or MIX, config=cfg, start=start)
     grabbed: list[torch.Tensor] = []
     at_answer: list[torch.Tensor] = []
-    layers = decoder_layers(model)
-    hooks = [layers[i].register_forward_hook(
-        lambda m, args, o, keep=keep: keep.append(o[0] if isinstance(o, tuple) else o))
-        for i, keep in ((layer, grabbed), (answer_layer, at_answer)) if (aux if keep is grabbed else answer_aux)]
+    wanted = [(layer, grabbed)] * bool(aux) + [(answer_layer, at_answer)] * bool(answer_aux)
+    hooks = [decoder_layers(model)[i].register_forward_hook(
+        lambda m, args, o, keep=keep: keep.append(o[0] if isinstance(o, tuple) else o)) for i, keep in wanted]
     t0, last = time.time(), {}
     try:
         for step in range(steps):
